@@ -1,0 +1,152 @@
+"""The composed MAIS model: SAM-Med3D's encoder, prompt encoder and mask decoder plus a memory attention.
+
+Use (the infer task and the trainer call exactly this; build it with `lib.model.build`):
+
+    emb = model.embed_image(volume)              # [B, 1, 128, 128, 128] normalised -> [B, 384, 8, 8, 8]
+    memory = model.new_memory(batch_size=B)      # empty MemoryBank, FIFO of cfg.memory_size interactions
+    out = model.predict(emb, point_coords, point_labels, prev_low_res_logits, memory)
+    memory.push(out.memory_entry)                # the CALLER pushes, once per interaction step
+    masks = model.upsample_logits(out.low_res_logits)   # [B, 1, 128, 128, 128] logits; mask = logits > 0
+
+`predict` never changes the memory: the caller pushes the returned entry when the interaction is committed (one
+interaction step = one entry), in training and inference alike. So a prediction can be recomputed or discarded
+without touching the session, and undo is `memory.truncate(len(memory) - 1)` or a `copy()` taken before.
+
+Memory modes (MaisConfig.memory_mode): "none" is exactly SAM-Med3D (the prompt encoder and mask decoder of
+medim on the image embedding, memory ignored), "sparse" / "dense" / "both" add the memory attention's dense term
+to the image embedding before the mask decoder (see memory_attention.py). All modes share one set of weights:
+`load_mais(path, memory_mode=...)` or `model.config = dataclasses.replace(model.config, memory_mode=...)` switches
+(with a new memory: entries hold only what their mode reads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from medim.models.sam_med3d import MaskDecoder3D, PromptEncoder3D
+from torch import Tensor, nn
+
+from .image_encoder import ImageEncoder3D
+from .memory_attention import MemoryAttention, MemoryAttentionWeights
+from .memory_bank import MemoryBank, MemoryEntry
+
+if TYPE_CHECKING:
+    from .build import MaisConfig
+
+
+@dataclass
+class MaisOutput:
+    """What one `Mais.predict` returns.
+
+    low_res_logits [B, 1, 32, 32, 32]: mask logits at 1/4 resolution (feed back as prev_low_res_logits).
+    iou_predictions [B, 1]: the decoder's mask-quality estimate.
+    memory_entry: this interaction's memory, for `MemoryBank.push`.
+    attention: the memory attention's weights (None in mode "none").
+    """
+
+    low_res_logits: Tensor
+    iou_predictions: Tensor
+    memory_entry: MemoryEntry
+    attention: MemoryAttentionWeights | None
+
+
+class Mais(nn.Module):
+    """SAM-Med3D + memory attention. Parts are built by `lib.model.build.build_mais`; `config` is its MaisConfig."""
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoder3D,
+        prompt_encoder: PromptEncoder3D,
+        mask_decoder: MaskDecoder3D,
+        memory_attention: MemoryAttention,
+        config: MaisConfig,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.memory_attention = memory_attention
+        self.config = config
+
+    @property
+    def memory_mode(self) -> str:
+        return self.config.memory_mode
+
+    @property
+    def img_size(self) -> int:
+        return self.image_encoder.img_size
+
+    def embed_image(self, volume: Tensor) -> Tensor:
+        """volume [B, 1, S, S, S] (S = 128, normalised as SAM-Med3D expects) -> embedding [B, E, S/16, S/16, S/16]."""
+        return self.image_encoder(volume)
+
+    def new_memory(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> MemoryBank:
+        """Empty memory bank for `batch_size` sessions side by side.
+
+        dtype None: the config's memory_dtype (float16, what a serving session stores); a trainer may pass
+        torch.float32 to keep full precision in the graph (the cast to float16 is differentiable too).
+        """
+        return MemoryBank(
+            self.config.memory_size,
+            batch_size,
+            dtype if dtype is not None else getattr(torch, self.config.memory_dtype),
+        )
+
+    def predict(
+        self,
+        image_embeddings: Tensor,
+        point_coords: Tensor,
+        point_labels: Tensor,
+        prev_low_res_logits: Tensor | None = None,
+        memory: MemoryBank | None = None,
+    ) -> MaisOutput:
+        """One interaction: prompt encoder, memory attention, mask decoder (no upsampling, no memory update).
+
+        image_embeddings [B, E, 8, 8, 8] from `embed_image`.
+        point_coords [B, P, 3] float: (d0, d1, d2) voxel indices in the 128^3 crop, SAM-Med3D's convention (its
+            axis quirk is baked into the released weights: do not reorder). P may be 0 (a mask-only step).
+        point_labels [B, P] int: 1 positive, 0 negative, -1 padding (rows of a batch with fewer clicks).
+        prev_low_res_logits [B, 1, 32, 32, 32] logits of the previous step, or None (first step).
+        memory: the session's MemoryBank (batch size B), or None for an empty one; read only.
+        """
+        B = image_embeddings.shape[0]
+        if point_coords.shape[:2] != point_labels.shape or point_coords.shape[0] != B or point_coords.shape[-1] != 3:
+            raise ValueError(
+                f"point_coords {tuple(point_coords.shape)} / point_labels {tuple(point_labels.shape)} do not match "
+                f"[B={B}, P, 3] / [B, P]"
+            )
+        if memory is not None and memory.batch_size != B:
+            raise ValueError(f"memory bank holds batch size {memory.batch_size}, the image embeddings have {B}")
+        sparse, dense = self.prompt_encoder(
+            points=(point_coords.float(), point_labels), boxes=None, masks=prev_low_res_logits
+        )
+        image_pe = self.prompt_encoder.get_dense_pe()
+        mode = self.memory_mode
+        if mode == "none":
+            entry, attention, src = MemoryEntry(), None, image_embeddings
+        else:
+            # the prompt encoder appends one padding point (label -1) to the P clicks
+            valid = torch.cat([point_labels != -1, point_labels.new_zeros(B, 1, dtype=torch.bool)], dim=1)
+            entry = self.memory_attention.encode(sparse, valid, dense, mode)
+            slots = memory.newest_first() if memory is not None else ()
+            memory_term, attention = self.memory_attention(image_embeddings, image_pe, entry, slots, mode)
+            src = image_embeddings + memory_term
+        low_res_logits, iou_predictions = self.mask_decoder(
+            image_embeddings=src,
+            image_pe=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return MaisOutput(low_res_logits, iou_predictions, entry, attention)
+
+    def forward(self, *args, **kwargs) -> MaisOutput:
+        """Same as `predict` (so that module hooks and wrappers such as DDP see the trainable path)."""
+        return self.predict(*args, **kwargs)
+
+    def upsample_logits(self, low_res_logits: Tensor) -> Tensor:
+        """[B, 1, 32, 32, 32] -> [B, 1, 128, 128, 128] logits, trilinear as SAM-Med3D (threshold at 0)."""
+        return F.interpolate(low_res_logits, size=(self.img_size,) * 3, mode="trilinear", align_corners=False)
