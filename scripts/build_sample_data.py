@@ -276,8 +276,9 @@ def check_colin27_label(label: np.ndarray, t1: np.ndarray, brain: np.ndarray, af
         assert c["caudate"][2] > c["putamen"][2] and c["caudate"][2] > c["pallidum"][2], f"{side}: caudate low"
         assert abs(c["putamen"][0]) > abs(c["pallidum"][0]) > abs(c["thalamus"][0]), f"{side}: lateral order"
     labelled = label > 0
-    print(f"  colin27: mean T1 in AAL labels {t1[labelled].mean():.1f}, "
-          f"rest of brain {t1[brain & ~labelled].mean():.1f}")
+    print(
+        f"  colin27: mean T1 in AAL labels {t1[labelled].mean():.1f}, rest of brain {t1[brain & ~labelled].mean():.1f}"
+    )
 
 
 def check_icbm_tissue(label: np.ndarray, t1: np.ndarray) -> None:
@@ -293,8 +294,10 @@ def check_lesion(case: str, image: np.ndarray, lesion: np.ndarray) -> None:
     assert lesion_box.min() > 0 and np.all(lesion_box.max(axis=0) < np.array(image.shape) - 1), f"{case}: on border"
     shell = ndimage.binary_dilation(lesion, iterations=3) & ~lesion
     inside, around, spread = image[lesion].mean(), image[shell].mean(), image[lesion].std()
-    print(f"  {case}: {lesion.sum()} lesion voxels, mean inside {inside:.1f}, shell {around:.1f}, elsewhere "
-          f"{image[~lesion].mean():.1f}")
+    print(
+        f"  {case}: {lesion.sum()} lesion voxels, mean inside {inside:.1f}, shell {around:.1f}, elsewhere "
+        f"{image[~lesion].mean():.1f}"
+    )
     assert inside - around > spread, f"{case}: lesion does not stand out from its surroundings"
 
 
@@ -349,9 +352,15 @@ def check_datastore(datastore: Path) -> list[dict]:
     rows = []
     for image_path in image_files(datastore):
         image, affine = load_any(image_path)
-        row = {"file": image_path.name, "shape": image.shape, "dtype": str(image.dtype),
-               "spacing": np.sqrt((affine[:3, :3] ** 2).sum(axis=0)), "axcodes": "".join(nib.aff2axcodes(affine)),
-               "mb": image_path.stat().st_size / 1e6, "labels": "(unlabelled)"}
+        row = {
+            "file": image_path.name,
+            "shape": image.shape,
+            "dtype": str(image.dtype),
+            "spacing": np.sqrt((affine[:3, :3] ** 2).sum(axis=0)),
+            "axcodes": "".join(nib.aff2axcodes(affine)),
+            "mb": image_path.stat().st_size / 1e6,
+            "labels": "(unlabelled)",
+        }
         label_path = datastore / "labels" / "final" / image_path.name
         if label_path.exists():
             label, label_affine = load_any(label_path)
@@ -374,13 +383,17 @@ def check_datastore(datastore: Path) -> list[dict]:
 
 def print_summary(rows: list[dict], datastore: Path) -> None:
     """Print one line per image: file, shape, spacing, orientation, labels with voxel counts, MB (image+label)."""
-    print(f"\n{'file':<24} {'shape':<16} {'dtype':<6} {'spacing (mm)':<20} {'axes':<5} {'MB':>6}  "
-          "labels (name=value:voxels)")
+    print(
+        f"\n{'file':<24} {'shape':<16} {'dtype':<6} {'spacing (mm)':<20} {'axes':<5} {'MB':>6}  "
+        "labels (name=value:voxels)"
+    )
     for row in rows:
         shape = "x".join(map(str, row["shape"]))
         spacing = "x".join(f"{s:.3g}" for s in row["spacing"])
-        print(f"{row['file']:<24} {shape:<16} {row['dtype']:<6} {spacing:<20} {row['axcodes']:<5} {row['mb']:6.2f}  "
-              f"{row['labels']}")
+        print(
+            f"{row['file']:<24} {shape:<16} {row['dtype']:<6} {spacing:<20} {row['axcodes']:<5} {row['mb']:6.2f}  "
+            f"{row['labels']}"
+        )
     total_mb = sum(p.stat().st_size for p in datastore.rglob("*") if p.is_file()) / 1e6
     print(f"total size of {datastore.name}/: {total_mb:.2f} MB (limit {MAX_DATASTORE_MB:.0f} MB)")
 
@@ -458,9 +471,12 @@ MNI/McGill notice (Colin27 and ICBM 2009a):
 def main() -> None:
     """Rebuild sample-data/ and tests/data/breast1_lesion_label.nii.gz, check them, print a summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pyradiomics-sdist", type=Path,
-                        default=Path("/tmp/pyradiomics-sdist/pyradiomics-3.0.1.tar.gz"),
-                        help="pyradiomics-3.0.1.tar.gz from `pip download --no-binary pyradiomics` (see top of file)")
+    parser.add_argument(
+        "--pyradiomics-sdist",
+        type=Path,
+        default=Path("/tmp/pyradiomics-sdist/pyradiomics-3.0.1.tar.gz"),
+        help="pyradiomics-3.0.1.tar.gz from `pip download --no-binary pyradiomics` (see top of file)",
+    )
     args = parser.parse_args()
     if not (MRICRON_TEMPLATES / "ch2.nii.gz").exists():
         sys.exit("mricron-data is missing: apt-get install -y mricron-data")

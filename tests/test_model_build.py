@@ -119,7 +119,7 @@ def test_mais_file_errors_are_clear(tmp_path):
         load_mais(tmp_path / "absent.pt")
     text = tmp_path / "notes.txt"
     text.write_text("not weights")
-    with pytest.raises(WeightsError, match="not a torch file"):
+    with pytest.raises(WeightsError, match="not a readable torch weights file"):
         load_mais(text)
     other = tmp_path / "other.pt"
     torch.save({"format": "something-else"}, other)

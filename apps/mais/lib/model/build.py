@@ -307,13 +307,13 @@ def _read_torch_file(path: str | os.PathLike, trusted: bool) -> Any:
         raise WeightsError(f"{path}: no such weights file")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # torch's unpickler raises many types on a damaged or foreign file
         # torch.save writes a zip archive; a weights_only refusal inside one means pickled non-tensor objects
-        if not trusted and zipfile.is_zipfile(path):
+        if isinstance(e, pickle.UnpicklingError) and not trusted and zipfile.is_zipfile(path):
             raise WeightsError(
                 f"{path}: holds pickled objects other than tensors; load it with trusted=True only if you trust its "
                 f"source ({str(e).splitlines()[0]})"
             ) from e
-        raise WeightsError(f"{path}: not a torch file ({str(e).splitlines()[0]})") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(f"{path}: not a torch file ({str(e).splitlines()[0]})") from e
+        raise WeightsError(
+            f"{path}: not a readable torch weights file (damaged or another format; {type(e).__name__})"
+        ) from e

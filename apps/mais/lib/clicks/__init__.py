@@ -1,0 +1,25 @@
+"""Click simulation shared by training and evaluation (see `simulator`)."""
+
+from lib.clicks.simulator import (
+    NEGATIVE,
+    PADDING,
+    POSITIVE,
+    Click,
+    ClickConfig,
+    ClickNoise,
+    first_click,
+    next_click,
+    sample_clicks,
+)
+
+__all__ = [
+    "NEGATIVE",
+    "PADDING",
+    "POSITIVE",
+    "Click",
+    "ClickConfig",
+    "ClickNoise",
+    "first_click",
+    "next_click",
+    "sample_clicks",
+]

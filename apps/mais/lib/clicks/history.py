@@ -1,0 +1,47 @@
+"""Reconcile the full click history a client resends with the history a session has already applied.
+
+Slicer and OHIF send every click of the segment with every request and no interaction id. New clicks are the
+ones not yet applied; clicks that disappeared from the request mean the user removed them (undo).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Voxel = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Click:
+    """ijk: voxel index of the original image; positive: True = inside the structure."""
+
+    ijk: Voxel
+    positive: bool
+
+
+@dataclass(frozen=True)
+class HistoryUpdate:
+    """What to do with a session: append `new` to the applied clicks, or rebuild from `replay` if it is set."""
+
+    new: list[Click]
+    replay: list[Click] | None
+
+
+def reconcile(applied: Sequence[Click], positives: Sequence[Voxel], negatives: Sequence[Voxel]) -> HistoryUpdate:
+    """Compare the applied clicks (arrival order) with the request's lists.
+
+    Applied clicks still in the request keep their arrival order; request clicks beyond them are new and come
+    after, positives first (a request normally adds one click). If any applied click is gone, the session is
+    rebuilt from the clicks that remain plus the new ones.
+    """
+    remaining = {True: list(positives), False: list(negatives)}
+    kept = []
+    for click in applied:
+        if click.ijk in remaining[click.positive]:
+            remaining[click.positive].remove(click.ijk)
+            kept.append(click)
+    new = [Click(ijk, True) for ijk in remaining[True]] + [Click(ijk, False) for ijk in remaining[False]]
+    if len(kept) == len(applied):
+        return HistoryUpdate(new=new, replay=None)
+    return HistoryUpdate(new=[], replay=kept + new)

@@ -1,0 +1,176 @@
+"""From an image file to the model's space and back: the geometry every click and mask goes through.
+
+Model space is what SAM-Med3D was trained on: RAS orientation, 1.5 mm isotropic voxels, z-normalised intensities
+(CT clamped to [-1000, 1000] HU first), and 128^3 crops of it. Clicks arrive as integer voxel indices `[i, j, k]`
+of the ORIGINAL file (i = fastest axis, MONAI's array order before any reorientation) and are mapped through the
+real affines, never by flipping indices, so they land right on non-RAS and anisotropic images (MONAI Label
+issue #1407). Results are resampled back onto the exact original grid.
+
+Training and inference share `normalise_intensity`, `CropWindow` and the model-space constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, Orientation, Spacing, SpatialResample
+from torch import Tensor
+
+MODEL_SPACING_MM = 1.5
+CROP_SIZE = 128
+# A click closer than this to a crop face (model voxels) gets a crop centred on it instead: the network sees
+# too little context around a click at the very edge of its window.
+CROP_MARGIN = 16
+# Values below this only occur in CT (air is -1000 HU); MR and PET are >= 0 after scanner rescaling.
+CT_DETECTION_HU = -500.0
+CT_CLAMP_HU = (-1000.0, 1000.0)
+# Passed explicitly: MONAI warns that the default of Orientation's `labels` will change.
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+# Logit used for model-space voxels no window has predicted yet: certainly background.
+BACKGROUND_LOGIT = -20.0
+
+
+class VolumeError(ValueError):
+    """The image cannot be segmented (not 3D, unreadable); the message says why."""
+
+
+def load_volume(path: str) -> MetaTensor:
+    """Read a 3D image file. Returns a MetaTensor [1, I, J, K] float32 with its RAS world `affine` [4, 4]."""
+    try:
+        volume = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)(path)
+    except Exception as error:  # readers raise many types; all mean "not an image we can read"
+        raise VolumeError(f"cannot read image {path}: {error}") from error
+    if volume.ndim != 4 or volume.shape[0] != 1:
+        shape = tuple(volume.shape[1:]) if volume.shape[0] == 1 else tuple(volume.shape)
+        raise VolumeError(f"MAIS segments 3D volumes; this image has shape {shape} ({len(shape)}D)")
+    if min(volume.shape[1:]) < 2:
+        raise VolumeError(f"MAIS segments 3D volumes; this image has shape {tuple(volume.shape[1:])}")
+    return volume
+
+
+def normalise_intensity(volume: Tensor) -> Tensor:
+    """SAM-Med3D's normalisation: clamp CT to [-1000, 1000] HU, then z-normalise with the statistics of the
+    voxels brighter than the volume mean (the body, not the surrounding air). volume: [..., X, Y, Z] float."""
+    if volume.min() < CT_DETECTION_HU:
+        volume = volume.clamp(*CT_CLAMP_HU)
+    foreground = volume[volume > volume.mean()]
+    if foreground.numel() < 2:
+        foreground = volume.flatten()
+    return (volume - foreground.mean()) / foreground.std().clamp_min(1e-6)
+
+
+@dataclass(frozen=True)
+class CropWindow:
+    """A CROP_SIZE^3 window of model space; `start` is its first voxel (may be negative for small volumes:
+    the outside is padded)."""
+
+    start: tuple[int, int, int]
+
+    @classmethod
+    def around(cls, point: np.ndarray, volume_shape: tuple[int, int, int]) -> CropWindow:
+        """The window centred on `point` [3] (model voxels), shifted to stay inside the volume where it fits."""
+        start = []
+        for centre, size in zip(np.round(point).astype(int), volume_shape):
+            if size <= CROP_SIZE:
+                start.append((size - CROP_SIZE) // 2)  # centre the small volume in the window
+            else:
+                start.append(int(np.clip(centre - CROP_SIZE // 2, 0, size - CROP_SIZE)))
+        return cls(tuple(start))
+
+    def contains(self, point: np.ndarray, margin: int = 0) -> bool:
+        local = np.asarray(point) - np.asarray(self.start)
+        return bool(np.all(local >= margin) and np.all(local < CROP_SIZE - margin))
+
+    def to_local(self, points: np.ndarray) -> np.ndarray:
+        """Model-space voxel coordinates [N, 3] -> coordinates inside the window [N, 3]."""
+        return np.asarray(points, dtype=np.float32) - np.asarray(self.start, dtype=np.float32)
+
+    def slices(self, volume_shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """(slices of the volume, slices of the window) where the two overlap."""
+        volume_slices, window_slices = [], []
+        for start, size in zip(self.start, volume_shape):
+            lo, hi = max(start, 0), min(start + CROP_SIZE, size)
+            volume_slices.append(slice(lo, hi))
+            window_slices.append(slice(lo - start, hi - start))
+        return tuple(volume_slices), tuple(window_slices)
+
+    def extract(self, volume: Tensor, fill: float) -> Tensor:
+        """volume [C, X, Y, Z] -> window [C, 128, 128, 128], `fill` outside the volume."""
+        out = volume.new_full((volume.shape[0], CROP_SIZE, CROP_SIZE, CROP_SIZE), fill)
+        volume_slices, window_slices = self.slices(tuple(volume.shape[1:]))
+        out[(slice(None), *window_slices)] = volume[(slice(None), *volume_slices)]
+        return out
+
+    def paste(self, canvas: Tensor, window: Tensor) -> None:
+        """Write window [C, 128, 128, 128] into canvas [C, X, Y, Z] in place (the overlapping part)."""
+        volume_slices, window_slices = self.slices(tuple(canvas.shape[1:]))
+        canvas[(slice(None), *volume_slices)] = window[(slice(None), *window_slices)]
+
+
+class ModelSpaceImage:
+    """One image in model space, with what is needed to map clicks in and masks out.
+
+    volume: [1, X, Y, Z] float32, RAS, 1.5 mm, normalised. original_shape: (I, J, K) of the file.
+    """
+
+    def __init__(self, original: MetaTensor):
+        self.original_shape: tuple[int, int, int] = tuple(int(s) for s in original.shape[1:])
+        self.original_affine = original.affine.double().clone()
+        resampled = Spacing(pixdim=(MODEL_SPACING_MM,) * 3, mode="bilinear")(
+            Orientation(axcodes="RAS", labels=RAS_LABELS)(original)
+        )
+        self.affine = resampled.affine.double().clone()
+        self.volume: Tensor = normalise_intensity(resampled.as_tensor().float()).contiguous()
+        self.pad_value = float(self.volume.min())
+        # original voxel index -> model voxel index, both homogeneous [4, 4]
+        self._original_to_model = torch.linalg.inv(self.affine) @ self.original_affine
+
+    @classmethod
+    def from_file(cls, path: str) -> ModelSpaceImage:
+        return cls(load_volume(path))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.volume.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.volume.numel() * self.volume.element_size()
+
+    def to_model_voxels(self, original_ijk: np.ndarray) -> np.ndarray:
+        """Original-file voxel indices [N, 3] -> model-space voxel coordinates [N, 3] float (not rounded)."""
+        ijk1 = np.concatenate([np.asarray(original_ijk, dtype=np.float64), np.ones((len(original_ijk), 1))], 1)
+        return (ijk1 @ self._original_to_model.numpy().T)[:, :3]
+
+    def resample_label(self, label: MetaTensor) -> Tensor:
+        """A label map on the original grid [1, I, J, K] -> the same labels on the model grid [1, X, Y, Z] (int)."""
+        resampled = SpatialResample(mode="nearest", dtype=torch.float32)(
+            label.float(), dst_affine=self.affine.float(), spatial_size=self.shape
+        )
+        return resampled.as_tensor().round().to(torch.int64)
+
+    def to_original_grid(self, model_logits: Tensor, window: CropWindow) -> tuple[tuple[slice, ...], np.ndarray]:
+        """Resample model-space logits [1, X, Y, Z] onto the original grid, only where `window` can change them.
+
+        Returns (slices of the original grid, boolean mask of that box): the caller pastes the box into the full
+        mask. Resampling just the window's footprint keeps a later click cheap on a 512x512 CT.
+        """
+        corners = np.array(np.meshgrid(*[[s, s + CROP_SIZE] for s in window.start], indexing="ij")).reshape(3, -1).T
+        model_to_original = torch.linalg.inv(self._original_to_model).numpy()
+        corners_original = (np.c_[corners, np.ones(len(corners))] @ model_to_original.T)[:, :3]
+        lo = np.clip(np.floor(corners_original.min(0)).astype(int) - 1, 0, self.original_shape)
+        hi = np.clip(np.ceil(corners_original.max(0)).astype(int) + 2, 0, self.original_shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        box_shape = tuple(int(b - a) for a, b in zip(lo, hi))
+        if min(box_shape) <= 0:
+            return box, np.zeros(box_shape, dtype=bool)
+        box_affine = self.original_affine.clone()
+        box_affine[:3, 3] = (self.original_affine @ torch.tensor([*lo, 1.0], dtype=torch.float64))[:3]
+        source = MetaTensor(model_logits.float(), affine=self.affine.float())
+        resampled = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
+            source, dst_affine=box_affine.float(), spatial_size=box_shape
+        )
+        return box, (resampled[0] > 0).cpu().numpy()

@@ -1,0 +1,110 @@
+"""One user segmenting one label on one image: the clicks so far, the memory they built, the current mask.
+
+Each click is one interaction step, in arrival order: the model sees every click inside the crop window so far,
+the window's previous low-res logits and the window's memory bank of earlier steps; the step's memory entry is
+then pushed (the same order as `lib.training.interaction_loop`). A click far from the current window (or
+outside it) opens a window centred on it, seeded with the mask predicted so far, so a structure larger than one
+128^3 crop (192 mm) is segmented window by window instead of being cut at the crop border.
+
+Undo and lost state are the same operation: `replay` rebuilds everything from a click list, which is also what
+happens after a server restart, because clients resend their full history with every request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lib.clicks.history import Click
+from lib.imaging import BACKGROUND_LOGIT, CROP_MARGIN, CropWindow, ModelSpaceImage
+
+LOW_RES_SIZE = 32  # the mask decoder's output grid (128 / 4)
+
+
+@dataclass
+class _Window:
+    """A crop window's own state: its image embedding [1, C, 8, 8, 8], memory bank and last low-res logits."""
+
+    crop: CropWindow
+    image_embedding: Tensor
+    memory: object  # lib.model MemoryBank
+    low_res_logits: Tensor | None = None
+
+
+@dataclass
+class InteractiveSession:
+    """State of one interaction session. Not thread-safe: the session store serialises access."""
+
+    image: ModelSpaceImage
+    model: torch.nn.Module
+    clicks: list[Click] = field(default_factory=list)
+    windows: list[_Window] = field(default_factory=list)
+    logits: Tensor | None = None  # [1, X, Y, Z] float16 model-space logits of everything predicted so far
+    mask: np.ndarray | None = None  # [I, J, K] bool on the original grid
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def reset(self) -> None:
+        """Forget every click, window and mask (the image and its model-space volume stay)."""
+        self.clicks, self.windows = [], []
+        self.logits = torch.full((1, *self.image.shape), BACKGROUND_LOGIT, dtype=torch.float16)
+        self.mask = np.zeros(self.image.original_shape, dtype=bool)
+
+    def replay(self, clicks: list[Click]) -> None:
+        """Rebuild the session from scratch by applying `clicks` in order (undo, expired or restarted state)."""
+        self.reset()
+        for click in clicks:
+            self.add_click(click)
+
+    @torch.inference_mode()
+    def add_click(self, click: Click) -> None:
+        """One interaction step: predict with this click and the memory of the earlier ones; update the mask."""
+        self.clicks.append(click)
+        point = self.image.to_model_voxels(np.array([click.ijk]))[0]
+        window = self._window_for(point)
+        inside = [c for c in self.clicks if window.crop.contains(self.image.to_model_voxels(np.array([c.ijk]))[0])]
+        model_points = self.image.to_model_voxels(np.array([c.ijk for c in inside]))
+        point_coords = torch.from_numpy(window.crop.to_local(model_points)).to(self.device)[None]  # [1, P, 3]
+        point_labels = torch.tensor([[int(c.positive) for c in inside]], device=self.device)  # [1, P]
+        output = self.model.predict(
+            window.image_embedding, point_coords, point_labels, window.low_res_logits, window.memory
+        )
+        window.memory.push(output.memory_entry)
+        window.low_res_logits = output.low_res_logits
+        window_logits = self.model.upsample_logits(output.low_res_logits)[0].float().cpu()  # [1, 128, 128, 128]
+        window.crop.paste(self.logits, window_logits.half())
+        box, box_mask = self.image.to_original_grid(self.logits, window.crop)
+        self.mask[box] = box_mask
+
+    def _window_for(self, point: np.ndarray) -> _Window:
+        """The window a click at model-space `point` [3] is predicted in; opens a new one where none fits."""
+        for window in reversed(self.windows):  # the most recent window first: it holds the newest context
+            if window.crop.contains(point, margin=CROP_MARGIN):
+                return window
+        crop = CropWindow.around(point, self.image.shape)
+        volume = crop.extract(self.image.volume, fill=self.image.pad_value)[None].to(self.device)
+        window = _Window(crop, self.model.embed_image(volume), self.model.new_memory(batch_size=1))
+        if self.windows:  # continue from what earlier windows predicted here
+            seed = crop.extract(self.logits.float(), fill=BACKGROUND_LOGIT)[None]  # [1, 1, 128, 128, 128]
+            if (seed > 0).any():
+                window.low_res_logits = F.interpolate(seed, size=(LOW_RES_SIZE,) * 3, mode="trilinear").to(self.device)
+        self.windows.append(window)
+        return window
+
+    @property
+    def nbytes(self) -> int:
+        """Memory this session holds besides the shared model (image volume counted, as it is cached per image)."""
+        total = self.image.nbytes + self.logits.numel() * self.logits.element_size() + self.mask.nbytes
+        for window in self.windows:
+            total += window.image_embedding.numel() * window.image_embedding.element_size()
+            total += window.memory.nbytes()
+        return total

@@ -1,0 +1,1 @@
+"""Training core: synthetic volumes, the interaction loop shared with inference, and the `fit` entry point."""

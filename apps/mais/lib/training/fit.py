@@ -1,0 +1,544 @@
+"""Train a MAIS model with the interaction loop: a library function (`fit`) and a CLI.
+
+    cd apps/mais && python -m lib.training.fit --help
+
+Stages of the shipped weights (issue 6): (1) the light encoder trains with the whole network on synthetic
+volumes (`--train-encoder --memory-mode none`); (2) the encoder is frozen (`--init stage1.pt`) and the prompt
+encoder, mask decoder and memory attention fine-tune on real crops plus synthetic volumes.
+
+Data: each sample is a 128^3 crop and one binary target. Sources, mixed per sample by `synthetic_fraction`:
+- real crops: `StructureCrop`s passed to `fit`, or `--data-dir`, a folder of `*.pt` files written by
+  `save_training_pair` ({"image": float [1, 128, 128, 128] normalised, "label": int or bool [1, 128, 128, 128]};
+  each non-zero label value is its own target);
+- synthetic volumes (lib.training.synthetic): fresh every step, or a fixed pool of `synthetic_pool` volumes.
+With the encoder frozen, image embeddings are computed once per image (real crops and the synthetic pool) and
+kept in memory on the training device; fresh synthetic volumes are embedded every step.
+
+Checkpoints: the weights go to `out` with `save_mais` (atomic) at the end and every `checkpoint_every` steps,
+together with a training state `<out>.state.pt` (model, optimiser, schedule, step, random states; atomic too).
+`--resume <out>.state.pt` continues a run exactly where it stopped; `time_budget_s` stops a run cleanly (and
+checkpoints) before the device's per-call limit. Given the seed, a run is deterministic on the CPU; on a GPU up
+to the CUDA kernels torch has no deterministic version of (trilinear upsampling's backward uses atomic adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lib.model.build import MaisConfig, build_mais, load_mais, save_mais
+from lib.model.mais import Mais
+from lib.model.memory_attention import MEMORY_MODES
+from lib.training.interaction_loop import InteractionConfig, run_interaction
+from lib.training.real_data import StructureCrop
+from lib.training.synthetic import SyntheticConfig, synthetic_sample
+
+logger = logging.getLogger(__name__)
+
+ENCODERS: dict[str, Callable[..., MaisConfig]] = {"light": MaisConfig.light, "sam_med3d": MaisConfig.sam_med3d}
+STATE_FORMAT = "mais-training-state"
+# Click numbers whose Dice is logged (1-based); those beyond K are left out.
+LOGGED_CLICKS = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """One training run. Paths may be None where optional."""
+
+    out: Path = Path("mais_weights.pt")
+    encoder: str = "light"  # the network trained from scratch when there is no `init`
+    memory_mode: str = "both"
+    memory_size: int = 60
+    init: Path | None = None  # start from these MAIS weights (their network; memory mode and size from here)
+    resume: Path | None = None  # a training state `<out>.state.pt` to continue
+    steps: int = 1000
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    clicks: int = 10
+    ce_weight: float = 0.0
+    freeze_encoder: bool = True
+    synthetic_fraction: float = 1.0  # chance that a sample is synthetic (1.0 when there are no real crops)
+    synthetic_pool: int = 0  # 0: fresh synthetic volumes every step; N > 0: a fixed pool of N (cacheable)
+    data_dir: Path | None = None
+    seed: int = 0
+    deterministic: bool = True  # deterministic kernels where torch has them (~20% slower on a GPU at batch 4)
+    time_budget_s: float | None = None
+    amp: str = "auto"  # "auto" (bf16 on CUDA, none on CPU), "bf16" or "none"
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
+        if self.memory_mode not in MEMORY_MODES:
+            raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}")
+        if self.amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"amp must be auto, bf16 or none, got {self.amp!r}")
+        if not 0.0 <= self.synthetic_fraction <= 1.0:
+            raise ValueError(f"synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
+        if min(self.steps, self.batch_size, self.clicks, self.log_every, self.checkpoint_every) < 1:
+            raise ValueError("steps, batch_size, clicks, log_every and checkpoint_every must be >= 1")
+
+    @property
+    def state_path(self) -> Path:
+        """Where the training state for `--resume` is written, beside the weights."""
+        return self.out.with_name(self.out.name + ".state.pt")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class TrainingLog:
+    """One log line: means over the last `log_every` steps. dice_at_click: {click number: mean hard Dice}."""
+
+    step: int
+    steps: int
+    loss: float
+    dice_at_click: dict[int, float]
+    lr: float
+    samples_per_s: float
+    elapsed_s: float
+
+
+@dataclass
+class FitResult:
+    """How a run ended. finished: all `steps` done (False when the time budget stopped it first)."""
+
+    steps_done: int
+    finished: bool
+    weights_path: Path
+    state_path: Path
+    last_log: TrainingLog | None
+    samples_per_s: float
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class _Target:
+    """One real training target: image [1, S, S, S] float32 (CPU), mask [1, S, S, S] bool (CPU), and the key of
+    its image in the embedding cache (targets of one image share it)."""
+
+    image_key: str
+    image: Tensor
+    mask: Tensor
+
+
+def save_training_pair(path: str | os.PathLike, image: Tensor, label: Tensor) -> None:
+    """Write one `--data-dir` file: image float [1, S, S, S] normalised, label int or bool [1, S, S, S]."""
+    torch.save({"image": image.float().cpu(), "label": label.cpu()}, path)
+
+
+def load_training_pairs(data_dir: Path, size: int) -> list[_Target]:
+    """Every (image, non-zero label value) target of the `*.pt` files in `data_dir` (see `save_training_pair`)."""
+    targets = []
+    for path in sorted(Path(data_dir).glob("*.pt")):
+        pair = torch.load(path, map_location="cpu", weights_only=True)
+        image, label = pair["image"].float(), pair["label"]
+        if image.shape != (1, size, size, size) or label.shape != image.shape:
+            raise ValueError(f"{path}: image {tuple(image.shape)} / label {tuple(label.shape)}, expected [1, {size}^3]")
+        for value in torch.unique(label).tolist():
+            if value:
+                targets.append(_Target(path.stem, image, label == value))
+    logger.info("%s: %d targets", data_dir, len(targets))
+    return targets
+
+
+class _BatchSource:
+    """Draws training batches from real targets and synthetic volumes.
+
+    `next_batch` returns (image_keys, images [B, 1, S, S, S], masks bool [B, 1, S, S, S]) on `device`; a key is
+    None for a fresh synthetic volume (nothing to cache).
+    """
+
+    def __init__(self, config: FitConfig, targets: Sequence[_Target], size: int, device: torch.device) -> None:
+        self.config = config
+        self.targets = list(targets)
+        self.device = device
+        self.synthetic_config = SyntheticConfig(size=size)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(config.seed + 1)
+        self.pool = [self._synthetic() for _ in range(config.synthetic_pool)]
+        self.synthetic_fraction = config.synthetic_fraction if self.targets else 1.0
+
+    def next_batch(self, rng: np.random.Generator) -> tuple[list[str | None], Tensor, Tensor]:
+        keys, images, masks = [], [], []
+        for _ in range(self.config.batch_size):
+            key, image, mask = self._sample(rng)
+            keys.append(key)
+            images.append(image.to(self.device, non_blocking=True))
+            masks.append(mask.to(self.device, non_blocking=True))
+        return keys, torch.stack(images), torch.stack(masks)
+
+    def _sample(self, rng: np.random.Generator) -> tuple[str | None, Tensor, Tensor]:
+        if rng.random() < self.synthetic_fraction:
+            if not self.pool:
+                return (None, *self._synthetic())
+            index = int(rng.integers(len(self.pool)))
+            return (f"synthetic:{index}", *self.pool[index])
+        target = self.targets[int(rng.integers(len(self.targets)))]
+        return f"real:{target.image_key}", target.image, target.mask
+
+    def _synthetic(self) -> tuple[Tensor, Tensor]:
+        return synthetic_sample(self.generator, self.synthetic_config)
+
+
+class _EmbeddingCache:
+    """Image embeddings of a frozen encoder, computed once per image key and kept on the training device."""
+
+    def __init__(self) -> None:
+        self.embeddings: dict[str, Tensor] = {}
+        self.hits = 0
+
+    def embed(self, model: Mais, keys: Sequence[str | None], images: Tensor) -> Tensor:
+        """[B, E, 8, 8, 8] for images [B, 1, S, S, S]; runs the encoder only on images not cached yet."""
+        missing = [i for i, key in enumerate(keys) if key is None or key not in self.embeddings]
+        self.hits += len(keys) - len(missing)
+        computed: dict[int, Tensor] = {}
+        if missing:
+            with torch.no_grad():
+                computed = dict(zip(missing, model.embed_image(images[missing]).float()))
+            self.embeddings.update({keys[i]: e for i, e in computed.items() if keys[i] is not None})
+        return torch.stack([computed[i] if i in computed else self.embeddings[key] for i, key in enumerate(keys)])
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+
+def build_model(config: FitConfig, device: torch.device) -> Mais:
+    """The model to train, in train mode on `device`, its encoder frozen when asked: the `init` weights file's
+    network with this run's memory settings, or a random `encoder` network when there is no `init`."""
+    torch.manual_seed(config.seed)  # the random initialisation is part of the run's seed
+    if config.init is None:
+        model = build_mais(ENCODERS[config.encoder](memory_mode=config.memory_mode, memory_size=config.memory_size))
+    else:
+        model = _model_from_init(config)
+    model.to(device).train()
+    set_encoder_frozen(model, config.freeze_encoder)
+    return model
+
+
+def _model_from_init(config: FitConfig) -> Mais:
+    """The `init` file's network with this run's memory mode and size, loaded with every weight whose shape still
+    fits. Only memory-attention weights may start fresh (its age embeddings are sized by memory_size, so a
+    stage-1 file trained with N = 60 also starts an N = 10 run); any other mismatch is an error."""
+    source = load_mais(config.init, device="cpu")
+    model = build_mais(
+        dataclasses.replace(source.config, memory_mode=config.memory_mode, memory_size=config.memory_size)
+    )
+    source_state = source.state_dict()
+    fresh = [k for k, v in model.state_dict().items() if k not in source_state or source_state[k].shape != v.shape]
+    foreign = [k for k in fresh if not k.startswith("memory_attention.")]
+    if foreign:
+        raise ValueError(f"--init {config.init}: weight {foreign[0]!r} does not fit this network")
+    model.load_state_dict({k: v for k, v in source_state.items() if k not in fresh}, strict=False)
+    logger.info("initialised %s from %s; fresh: %s", source.config.name, config.init, ", ".join(fresh) or "nothing")
+    return model
+
+
+def set_encoder_frozen(model: Mais, frozen: bool) -> None:
+    """Freeze (no gradients, eval mode) or unfreeze the image encoder; the rest of the model is left as it is."""
+    model.image_encoder.requires_grad_(not frozen)
+    model.image_encoder.train(not frozen and model.training)
+
+
+def make_optimiser(model: Mais, config: FitConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters; linear warm-up, then cosine decay to 10% of `lr` at `steps`."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    warmup = min(config.warmup_steps, max(1, config.steps // 10))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor)
+
+
+# ------------------------------------------------------------------------------------------------------ fit
+
+
+def fit(
+    config: FitConfig,
+    crops: Sequence[StructureCrop] = (),
+    on_log: Callable[[TrainingLog], None] | None = None,
+) -> FitResult:
+    """Train as `config` says; returns how the run ended. crops: real training crops (added to `data_dir`'s).
+
+    on_log is called with every TrainingLog (the MONAI Label trainer reports them in /train status).
+    """
+    fit_started = time.monotonic()
+    device = resolve_device(config.device)
+    torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
+    if config.deterministic and device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+    model = build_model(config, device)
+    optimiser, schedule = make_optimiser(model, config)
+    targets = [_Target(crop.name, crop.volume, crop.mask) for crop in crops]
+    if config.data_dir is not None:
+        targets += load_training_pairs(config.data_dir, model.img_size)
+    source = _BatchSource(config, targets, model.img_size, device)
+    rng = np.random.default_rng(config.seed)
+    step = 0
+    if config.resume is not None:
+        step = _load_state(config.resume, model, optimiser, schedule, rng, source.generator)
+    cache = _EmbeddingCache() if config.freeze_encoder else None
+    interaction = InteractionConfig(num_clicks=config.clicks, ce_weight=config.ce_weight)
+    autocast = _autocast(config.amp, device)
+    logger.info(
+        "training %s (memory %s, N=%d) on %s: steps %d-%d, batch %d, K=%d, encoder %s, %d real targets, synthetic %.2f",
+        model.config.name,
+        config.memory_mode,
+        config.memory_size,
+        device,
+        step + 1,
+        config.steps,
+        config.batch_size,
+        config.clicks,
+        "frozen" if config.freeze_encoder else "trained",
+        len(targets),
+        source.synthetic_fraction,
+    )
+
+    window = deque(maxlen=config.log_every)  # (loss, dice_per_click [K]) of recent steps
+    loop_started, samples, slowest_step_s, last_log = time.monotonic(), 0, 0.0, None
+    while step < config.steps:
+        step_started = time.monotonic()
+        keys, images, masks = source.next_batch(rng)
+        with autocast:
+            image_embeddings = cache.embed(model, keys, images) if cache is not None else model.embed_image(images)
+            result = run_interaction(model, image_embeddings, masks, rng, interaction)
+        _optimise(result.loss, optimiser, schedule, config.max_grad_norm)
+        step += 1
+        samples += len(keys)
+        window.append((result.loss.item(), result.dice_per_click.cpu()))
+        slowest_step_s = max(slowest_step_s, time.monotonic() - step_started)
+
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.monotonic() - loop_started
+            last_log = _training_log(window, step, config.steps, schedule.get_last_lr()[0], samples / elapsed, elapsed)
+            logger.info(_format_log(last_log, cache))
+            if on_log is not None:
+                on_log(last_log)
+        # the budget counts from the call (set-up included): it guards a wall-clock limit such as the device's
+        out_of_time = (
+            config.time_budget_s is not None and time.monotonic() - fit_started + slowest_step_s > config.time_budget_s
+        )
+        if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
+            _save(model, optimiser, schedule, rng, source.generator, step, config, last_log)
+        if out_of_time:
+            logger.info(
+                "time budget %.0f s reached after step %d; resume with --resume %s",
+                config.time_budget_s,
+                step,
+                config.state_path,
+            )
+            break
+
+    samples_per_s = samples / max(time.monotonic() - loop_started, 1e-9)
+    return FitResult(step, step >= config.steps, config.out, config.state_path, last_log, samples_per_s)
+
+
+def _optimise(loss: Tensor, optimiser: torch.optim.Optimizer, schedule, max_grad_norm: float) -> None:
+    """One optimiser step on `loss`, gradients clipped to `max_grad_norm` (ten summed step losses can spike)."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(optimiser.param_groups[0]["params"], max_grad_norm)
+    optimiser.step()
+    schedule.step()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(amp: str, device: torch.device) -> torch.autocast:
+    enabled = amp == "bf16" or (amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _training_log(window: deque, step: int, steps: int, lr: float, samples_per_s: float, elapsed: float) -> TrainingLog:
+    losses = [loss for loss, _ in window]
+    dice = torch.stack([d for _, d in window]).mean(0)
+    dice_at_click = {k: float(dice[k - 1]) for k in LOGGED_CLICKS if k <= len(dice)}
+    return TrainingLog(step, steps, float(np.mean(losses)), dice_at_click, lr, samples_per_s, elapsed)
+
+
+def _format_log(log: TrainingLog, cache: _EmbeddingCache | None) -> str:
+    dice = " ".join(f"dice@{k} {v:.3f}" for k, v in log.dice_at_click.items())
+    cached = f" cache {len(cache.embeddings)} images, {cache.hits} hits" if cache is not None else ""
+    return (
+        f"step {log.step}/{log.steps} loss {log.loss:.4f} {dice} lr {log.lr:.2e} "
+        f"{log.samples_per_s:.2f} samples/s {log.elapsed_s:.0f} s{cached}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save(
+    model, optimiser, schedule, rng, generator, step: int, config: FitConfig, last_log: TrainingLog | None
+) -> None:
+    """The weights (save_mais) and the training state for --resume, both written atomically."""
+    metadata = {
+        "trained_steps": step,
+        "fit_config": config.to_dict(),
+        "train_dice_at_click": {str(k): v for k, v in last_log.dice_at_click.items()} if last_log else {},
+    }
+    save_mais(model, config.out, metadata=metadata)
+    state = {
+        "format": STATE_FORMAT,
+        "step": step,
+        "mais_config": model.config.to_dict(),
+        "model_state_dict": model.state_dict(),
+        "optimiser": optimiser.state_dict(),
+        "schedule": schedule.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "torch_generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    _atomic_torch_save(state, config.state_path)
+
+
+def _load_state(path: Path, model, optimiser, schedule, rng, generator) -> int:
+    """Restore a training state written by `_save` into the freshly built objects; returns the step reached."""
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds numpy rng state dicts
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"--resume {path}: not a training state written by lib.training.fit")
+    if state["mais_config"] != model.config.to_dict():
+        raise ValueError(
+            f"--resume {path}: trained {state['mais_config']['name']} / memory "
+            f"{state['mais_config']['memory_mode']}, this run builds another model"
+        )
+    model.load_state_dict(state["model_state_dict"])
+    optimiser.load_state_dict(state["optimiser"])
+    schedule.load_state_dict(state["schedule"])
+    rng.bit_generator.state = state["numpy_rng"]
+    generator.set_state(state["torch_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return int(state["step"])
+
+
+def _atomic_torch_save(payload: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> FitConfig:
+    defaults = FitConfig()
+    parser = argparse.ArgumentParser(prog="python -m lib.training.fit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=defaults.out, help="weights file to write (save_mais)")
+    parser.add_argument(
+        "--encoder",
+        choices=sorted(ENCODERS),
+        default=defaults.encoder,
+        help="network trained from scratch (ignored with --init, which brings its own)",
+    )
+    parser.add_argument("--memory-mode", choices=MEMORY_MODES, default=defaults.memory_mode)
+    parser.add_argument("--memory-size", type=int, default=defaults.memory_size, help="FIFO capacity N")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        help="start from these MAIS weights (e.g. stage 1's): their network, this run's memory mode and size",
+    )
+    parser.add_argument("--resume", type=Path, help="continue from a training state <out>.state.pt")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps of the run")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--clicks", type=int, default=defaults.clicks, help="interaction steps K per sample")
+    parser.add_argument("--ce-weight", type=float, default=defaults.ce_weight, help="add BCE to the Dice loss")
+    encoder = parser.add_mutually_exclusive_group()
+    encoder.add_argument(
+        "--freeze-encoder",
+        dest="freeze_encoder",
+        action="store_true",
+        default=defaults.freeze_encoder,
+        help="train prompt encoder, decoder and memory attention; cache embeddings (default)",
+    )
+    encoder.add_argument("--train-encoder", dest="freeze_encoder", action="store_false", help="train the whole network")
+    parser.add_argument(
+        "--synthetic-fraction",
+        type=float,
+        default=defaults.synthetic_fraction,
+        help="share of synthetic samples (1.0 when there is no real data)",
+    )
+    parser.add_argument(
+        "--synthetic-pool",
+        type=int,
+        default=defaults.synthetic_pool,
+        help="0: fresh synthetic volumes each step; N: a fixed pool of N, embeddings cached when frozen",
+    )
+    parser.add_argument("--data-dir", type=Path, help="folder of *.pt {image, label} 128^3 training pairs")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.deterministic,
+        help="deterministic kernels (warn where torch has none); --no-deterministic is faster on a GPU",
+    )
+    parser.add_argument("--time-budget-s", type=float, help="stop (and checkpoint) before this many seconds")
+    parser.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "none"),
+        default=defaults.amp,
+        help="auto: bf16 autocast on CUDA, fp32 on the CPU",
+    )
+    parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    args = parser.parse_args(argv)
+    return FitConfig(**vars(args))
+
+
+def main(argv: Sequence[str] | None = None) -> FitResult:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = parse_args(argv)
+    result = fit(config)
+    status = "finished" if result.finished else "stopped by the time budget"
+    dice = result.last_log.dice_at_click if result.last_log else {}
+    print(
+        f"{status} at step {result.steps_done}/{config.steps}: {result.samples_per_s:.2f} samples/s, "
+        f"train Dice {dice}; weights {result.weights_path}, state {result.state_path}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

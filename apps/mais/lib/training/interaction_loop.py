@@ -1,0 +1,117 @@
+"""The interaction loop of a training step: K simulated clicks on a batch, run exactly as the infer task runs clicks.
+
+Step k = 1..K (the infer task does the same for each user click, with the user's click instead of a simulated one):
+    1. click_k = the simulator's first click (k = 1) or the click correcting mask_{k-1} (k > 1)
+    2. point_coords [B, k, 3], point_labels [B, k] = all clicks so far, in crop voxels (d0, d1, d2), oldest
+       first; a row with nothing left to correct gets a padding point (label -1)
+    3. out_k = model.predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
+       with prev_low_res_logits = None for k = 1, else out_{k-1}.low_res_logits;
+       the memory holds interactions 1..k-1 while step k is predicted
+    4. memory.push(out_k.memory_entry)      (the caller pushes, once per step: see lib/model/mais.py)
+    5. logits_k = model.upsample_logits(out_k.low_res_logits) [B, 1, 128, 128, 128]; mask_k = logits_k > 0
+Loss = sum over k of Dice(logits_k, ground truth), plus ce_weight * binary cross-entropy when asked.
+
+Gradients: the fed-back low-res logits are detached (at inference they are a given input; it also keeps every
+step's decoder graph on its own), while memory entries keep their graph (lib/model/memory_bank.py), so the loss of
+step k trains the memory write path of the steps before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lib.clicks.simulator import ClickConfig, sample_clicks
+
+# SAM-Med3D trains with uniformly drawn error voxels; the distance-transform rule is the evaluation's.
+TRAINING_CLICKS = ClickConfig(first_click="random", next_click="random")
+
+
+@dataclass(frozen=True)
+class InteractionConfig:
+    """How one training sample is interacted with."""
+
+    num_clicks: int = 10  # K
+    clicks: ClickConfig = TRAINING_CLICKS
+    ce_weight: float = 0.0  # MAIS trains with Dice only; SAM-Med3D adds cross-entropy with weight 1
+
+    def __post_init__(self) -> None:
+        if self.num_clicks < 1 or self.ce_weight < 0:
+            raise ValueError(f"invalid interaction config {self}")
+
+
+@dataclass
+class InteractionResult:
+    """loss: scalar, summed over the K steps (each a batch mean). dice_per_click: float32 [K], detached, the batch
+    mean of the hard Dice (mask = logits > 0) after each click. final_masks: bool [B, 1, S, S, S] after click K."""
+
+    loss: Tensor
+    dice_per_click: Tensor
+    final_masks: Tensor
+
+
+def run_interaction(
+    model: torch.nn.Module,
+    image_embeddings: Tensor,
+    gt_masks: Tensor,
+    rng: np.random.Generator,
+    config: InteractionConfig = InteractionConfig(),
+) -> InteractionResult:
+    """K interaction steps on a batch, in the order of the module docstring.
+
+    model: a `lib.model.mais.Mais`. image_embeddings [B, E, 8, 8, 8] from `model.embed_image` (with or without
+    a graph: a trainable encoder gets its gradient through them). gt_masks bool [B, 1, S, S, S] on the model's
+    device, S = 128. rng drives the click simulator. Call inside torch.autocast for mixed precision: the loss
+    is computed in float32.
+    """
+    if gt_masks.dtype != torch.bool or gt_masks.shape[0] != image_embeddings.shape[0]:
+        raise ValueError(f"gt_masks must be bool [B, 1, S, S, S] with B = {image_embeddings.shape[0]}")
+    B = gt_masks.shape[0]
+    target = gt_masks.float()  # converted once: a 128^3 bool -> float copy per step is measurable on the CPU
+    memory = model.new_memory(batch_size=B)
+    point_coords = gt_masks.new_zeros((B, 0, 3), dtype=torch.float32)
+    point_labels = gt_masks.new_zeros((B, 0), dtype=torch.int64)
+    prev_low_res_logits = None
+    masks = None
+    step_losses, step_dice = [], []
+    for _ in range(config.num_clicks):
+        new_coords, new_labels = sample_clicks(gt_masks, masks, rng, config.clicks)
+        point_coords = torch.cat([point_coords, new_coords], dim=1)
+        point_labels = torch.cat([point_labels, new_labels], dim=1)
+        out = model.predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
+        memory.push(out.memory_entry)
+        logits = model.upsample_logits(out.low_res_logits).float()
+        step_losses.append(segmentation_loss(logits, target, config.ce_weight))
+        masks = logits.detach() > 0
+        step_dice.append(hard_dice(masks, gt_masks).mean())
+        prev_low_res_logits = out.low_res_logits.detach()
+    return InteractionResult(torch.stack(step_losses).sum(), torch.stack(step_dice).float(), masks)
+
+
+def segmentation_loss(logits: Tensor, target: Tensor, ce_weight: float = 0.0) -> Tensor:
+    """Batch mean of soft Dice loss (+ ce_weight * BCE). logits, target float [B, 1, ...] (target 0 or 1)."""
+    loss = soft_dice_loss(logits, target).mean()
+    if ce_weight:
+        loss = loss + ce_weight * F.binary_cross_entropy_with_logits(logits, target)
+    return loss
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+    """1 - soft Dice per sample. logits, target float [B, 1, ...] -> [B]. `smooth` keeps tiny objects stable."""
+    probabilities = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    overlap = (probabilities * target).sum(1)
+    return 1.0 - (2.0 * overlap + smooth) / (probabilities.sum(1) + target.sum(1) + smooth)
+
+
+def hard_dice(masks: Tensor, gt_masks: Tensor) -> Tensor:
+    """Dice per sample of bool masks [B, 1, ...] against bool gt_masks -> float32 [B] (1 when both are empty)."""
+    masks, gt_masks = masks.flatten(1), gt_masks.flatten(1)
+    # count_nonzero counts bools without the int64 copy that sum() makes
+    overlap = torch.count_nonzero(masks & gt_masks, dim=1).float()
+    total = (torch.count_nonzero(masks, dim=1) + torch.count_nonzero(gt_masks, dim=1)).float()
+    return torch.where(total > 0, 2.0 * overlap / total.clamp_min(1.0), torch.ones_like(total))

@@ -1,0 +1,104 @@
+"""Training crops from labelled images: every label of a multi-label map is its own binary target.
+
+Crops are taken exactly as inference takes them (`lib.imaging`): model space (RAS, 1.5 mm, normalised), a 128^3
+window centred on a voxel of the structure, because at inference the window is centred on the first positive
+click, which lies inside the structure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lib.imaging import CropWindow, ModelSpaceImage, load_volume
+
+logger = logging.getLogger(__name__)
+
+# Structures smaller than this in model space (1.5 mm voxels; 30 voxels ~ 0.1 ml) are mostly partial-volume
+# noise of a resampled label: skipped.
+MIN_STRUCTURE_VOXELS = 30
+
+
+@dataclass
+class StructureCrop:
+    """volume: [1, 128, 128, 128] float32 normalised; mask: [1, 128, 128, 128] bool; name: `image:label`."""
+
+    volume: Tensor
+    mask: Tensor
+    name: str
+
+
+def structure_crops(
+    image_path: str | Path,
+    label_path: str | Path,
+    label_map: dict[str, int],
+    rng: np.random.Generator,
+    crops_per_structure: int = 1,
+    exclude: frozenset[str] = frozenset(),
+) -> list[StructureCrop]:
+    """Crops of every labelled structure of one image (labels named in `exclude` are left out)."""
+    image = ModelSpaceImage.from_file(str(image_path))
+    labels = image.resample_label(load_volume(str(label_path)))
+    image_name = Path(image_path).name.split(".")[0]
+    crops = []
+    for label_name, index in label_map.items():
+        if index == 0 or label_name in exclude:
+            continue
+        structure = labels == index
+        voxels = torch.nonzero(structure[0])
+        if len(voxels) < MIN_STRUCTURE_VOXELS:
+            continue
+        for _ in range(crops_per_structure):
+            centre = voxels[rng.integers(len(voxels))].numpy()
+            window = CropWindow.around(centre, image.shape)
+            crops.append(
+                StructureCrop(
+                    volume=window.extract(image.volume, fill=image.pad_value),
+                    mask=window.extract(structure, fill=False),
+                    name=f"{image_name}:{label_name}",
+                )
+            )
+    logger.info("%s: %d crops", image_name, len(crops))
+    return crops
+
+
+def labelled_images(studies: Path) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of a MONAI Label local datastore: images with a `labels/final` file of the same name."""
+    final = studies / "labels" / "final"
+    return [(image, final / image.name) for image in sorted(studies.iterdir()) if (final / image.name).is_file()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write training pairs (`lib.training.fit --data-dir`) from a datastore's final labels."""
+    import argparse
+
+    from lib.configs.labels import SAMPLE_LABELS
+    from lib.training.fit import save_training_pair
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--studies", type=Path, required=True, help="MONAI Label local datastore folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the *.pt pairs")
+    parser.add_argument("--crops-per-structure", type=int, default=4)
+    parser.add_argument("--exclude", default="", help="comma-separated labels held out of training")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+
+    rng = np.random.default_rng(args.seed)
+    exclude = frozenset(filter(None, args.exclude.split(",")))
+    args.out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for image_path, label_path in labelled_images(args.studies):
+        for crop in structure_crops(image_path, label_path, SAMPLE_LABELS, rng, args.crops_per_structure, exclude):
+            save_training_pair(args.out / f"{crop.name.replace(':', '_')}_{count:04d}.pt", crop.volume, crop.mask)
+            count += 1
+    print(f"{count} training pairs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

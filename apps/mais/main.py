@@ -1,0 +1,76 @@
+"""MONAI Label app serving MAIS: click-based 3D segmentation that remembers the user's earlier clicks.
+
+Start it with `monailabel start_server --app apps/mais --studies sample-data` (see README.md for `--conf`).
+This file only wires tasks together; the model, sessions and clicks live in `lib/`.
+"""
+
+import logging
+import os
+import sys
+
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from lib.configs.app_settings import AppConfigError, AppSettings
+from lib.infers.mais import MaisInfer, ModelLoader
+from lib.model.build import WeightsError
+
+logger = logging.getLogger(__name__)
+
+
+class MaisApp(MONAILabelApp):
+    """The app MONAI Label loads from `main.py` (it must derive from MONAILabelApp directly).
+
+    Construction stays cheap: training runs in a subprocess that re-creates the whole app.
+    """
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        try:
+            self.settings = AppSettings.from_conf(conf)
+            self.label_map = self.settings.label_map()
+            self.model_loader = ModelLoader(self.settings)
+            # Loads and checks the weights now (a light model loads in well under a second), so a bad file stops
+            # the start instead of the first click.
+            self.model_loader.get()
+        except (AppConfigError, WeightsError) as error:
+            _refuse_to_start(str(error))
+
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MAIS",
+            description="Memory-Attention for Interactive Segmentation: 3D clicks that remember earlier clicks",
+            version="0.1.0",
+            labels=self.label_map,
+        )
+        _warn_if_no_images(studies, self.datastore().list_images())
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {"mais": MaisInfer(self.settings, self.label_map, self.model_loader)}
+
+    def on_save_label(self, image_id: str, label_id: str):
+        super().on_save_label(image_id, label_id)
+        self._infers["mais"].forget_image(self.datastore().get_image_uri(image_id))
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+
+def _refuse_to_start(message: str) -> None:
+    """Stop the server with one clear line. Raising would make uvicorn print a traceback that buries it."""
+    logger.error("MAIS cannot start: %s", message)
+    print(f"MAIS cannot start: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+def _warn_if_no_images(studies: str, images: list) -> None:
+    if not images and not studies.startswith(("http://", "https://")):
+        logger.warning(
+            "The studies folder %s holds no images (.nii.gz, .nii, .nrrd). MONAI Label creates a missing folder "
+            "silently: check the --studies path, e.g. --studies sample-data.",
+            studies,
+        )

@@ -1,0 +1,229 @@
+"""The `mais` infer task over a real server, driven the way 3D Slicer, OHIF and scripts drive it."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monai.transforms import LoadImage
+from monailabel.client import MONAILabelClient
+from scipy import ndimage
+
+from lib.configs.labels import SAMPLE_LABELS
+from server import SAMPLE_DATA, MonaiLabelServer
+
+LESION = 1
+# The client saves a result under the server's temporary file name: a folder of its own keeps the server's
+# clean-up of that name (same machine, same /tmp) from deleting the client's copy.
+RESULTS_DIR = tempfile.mkdtemp(prefix="mais-test-results-")
+
+
+def load(path) -> tuple[np.ndarray, np.ndarray]:
+    """(array in MONAI's [i, j, k] order, RAS affine) of an image or result file."""
+    image = LoadImage(image_only=True)(str(path))
+    return np.asarray(image), np.asarray(image.affine)
+
+
+def interior_voxel(label_file, value: int) -> list[int]:
+    """The voxel deepest inside a structure (where an annotator clicks first)."""
+    label, _ = load(label_file)
+    depth = ndimage.distance_transform_edt(label == value)
+    return [int(v) for v in np.unravel_index(np.argmax(depth), depth.shape)]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def slicer_click(url: str, user: str, image: str, label: str, positives, negatives=(), **extra):
+    """Slicer's DeepEdit request from `user` (its client_id): every label's full list, `label`, NRRD uint8."""
+    client = MONAILabelClient(url, tmpdir=RESULTS_DIR, client_id=user)
+    params = {name: [] for name in SAMPLE_LABELS}
+    params.update({label: [list(p) for p in positives], "background": [list(n) for n in negatives]})
+    params.update({"label": label, "result_extension": ".nrrd", "result_dtype": "uint8"}, **extra)
+    result_file, result = client.infer("mais", image, params)
+    mask, affine = load(result_file)
+    return mask, affine, result
+
+
+def upload(client, path, image_id: str) -> None:
+    """Add an image to the datastore for one test; removed again at the end of the test module."""
+    client.upload_image(str(path), image_id=image_id)
+    UPLOADED.append(image_id)
+
+
+UPLOADED: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_uploaded_images(server):
+    """Leave the shared server's datastore as the other test modules expect it."""
+    yield
+    for image_id in UPLOADED:
+        requests.delete(f"{server.url}/datastore/image", params={"id": image_id}, timeout=30)
+
+
+def post_infer(url: str, image: str, params: dict) -> requests.Response:
+    return requests.post(
+        f"{url}/infer/mais", params={"image": image, "output": "json"}, files={"params": (None, json.dumps(params))}
+    )
+
+
+@pytest.fixture(scope="module")
+def brain1_lesion():
+    return interior_voxel(SAMPLE_DATA / "labels" / "final" / "brain1.nrrd", LESION)
+
+
+def test_slicer_sequence_returns_masks_on_the_original_grid(server, brain1_lesion):
+    image, image_affine = load(SAMPLE_DATA / "brain1.nrrd")
+    first = brain1_lesion
+    second = [first[0] + 4, first[1], first[2]]
+    for history in ([first], [first, second]):
+        mask, affine, result = slicer_click(server.url, "slicer-grid", "brain1", "lesion", history)
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(affine, image_affine, atol=1e-4)
+        assert set(np.unique(mask)) <= {0, LESION}
+        assert mask[tuple(first)] == LESION, "the first click's voxel is not in the mask"
+        assert result["clicks"] == len(history)
+        assert result["steps_run"] == 1, "a resent history must only run the new click"
+
+
+def test_ohif_request_without_label_key(server):
+    """OHIF: label-keyed lists, `background: []`, no `label`, no client_id; voxel buffer copied as-is."""
+    lesion = interior_voxel(SAMPLE_DATA / "labels" / "final" / "lung1.nii.gz", LESION)
+    params = {"background": [], "lesion": [lesion], "result_extension": ".nrrd", "result_dtype": "uint8"}
+    params.update({"result_compress": False, "restore_label_idx": False})
+    response = requests.post(
+        f"{server.url}/infer/mais",
+        params={"image": "lung1", "output": "image"},
+        files={"params": (None, json.dumps(params))},
+    )
+    assert response.status_code == 200, response.text
+    result_path = server.log_path.parent / "ohif_result.nrrd"
+    result_path.write_bytes(response.content)
+    mask, affine = load(result_path)
+    image, image_affine = load(SAMPLE_DATA / "lung1.nii.gz")
+    assert mask.shape == image.shape == (512, 512, 48)
+    np.testing.assert_allclose(affine, image_affine, atol=1e-4)
+    assert mask[tuple(lesion)] == LESION
+
+
+def test_flipped_anisotropic_copy_gives_the_same_anatomy(server, client, brain1_lesion, tmp_path):
+    """brain1 is LAS with 6.5 mm slices; a copy stored with i and k reversed is the same anatomy."""
+    data, affine = load(SAMPLE_DATA / "brain1.nrrd")
+    flip = np.diag([-1.0, 1.0, -1.0, 1.0])
+    flip[0, 3], flip[2, 3] = data.shape[0] - 1, data.shape[2] - 1
+    flipped_path = tmp_path / "brain1_flipped.nii.gz"
+    nib.save(nib.Nifti1Image(data[::-1, :, ::-1].astype(np.int16), affine @ flip), flipped_path)
+    upload(client, flipped_path, "brain1_flipped")
+
+    i, j, k = brain1_lesion
+    flipped_click = [data.shape[0] - 1 - i, j, data.shape[2] - 1 - k]
+    mask, _, _ = slicer_click(server.url, "flip-a", "brain1", "lesion", [brain1_lesion])
+    flipped_mask, flipped_affine, _ = slicer_click(server.url, "flip-b", "brain1_flipped", "lesion", [flipped_click])
+    np.testing.assert_allclose(flipped_affine, affine @ flip, atol=1e-4)
+    assert mask.sum() > 0
+    assert dice(mask > 0, flipped_mask[::-1, :, ::-1] > 0) > 0.98
+
+
+def test_two_clients_keep_separate_memories(server, brain1_lesion):
+    a1 = brain1_lesion
+    b1 = [a1[0] - 6, a1[1] + 3, a1[2]]
+    a2 = [a1[0] + 3, a1[1] - 3, a1[2]]
+    slicer_click(server.url, "alice", "brain1", "lesion", [a1])
+    slicer_click(server.url, "bob", "brain1", "lesion", [b1])
+    alice_mask, _, alice = slicer_click(server.url, "alice", "brain1", "lesion", [a1, a2])
+    fresh_mask, _, _ = slicer_click(server.url, "carol", "brain1", "lesion", [a1, a2])
+    assert alice["clicks"] == 2 and alice["steps_run"] == 1
+    # Alice's memory holds exactly her two clicks: the same as a newcomer replaying them, nothing of Bob's.
+    np.testing.assert_array_equal(alice_mask, fresh_mask)
+
+
+def test_removing_the_last_click_restores_the_previous_mask(server, brain1_lesion):
+    first = brain1_lesion
+    second = [first[0], first[1] + 5, first[2]]
+    before, _, _ = slicer_click(server.url, "undo", "brain1", "lesion", [first])
+    after, _, _ = slicer_click(server.url, "undo", "brain1", "lesion", [first, second])
+    undone, _, result = slicer_click(server.url, "undo", "brain1", "lesion", [first])
+    assert result["clicks"] == 1
+    np.testing.assert_array_equal(undone, before)
+    assert after.shape == before.shape
+
+
+def test_reset_state_starts_afresh(server, brain1_lesion):
+    other = [brain1_lesion[0] + 2, brain1_lesion[1], brain1_lesion[2]]
+    slicer_click(server.url, "reset", "brain1", "lesion", [brain1_lesion])
+    reset, _, result = slicer_click(server.url, "reset", "brain1", "lesion", [other], reset_state=True)
+    fresh, _, _ = slicer_click(server.url, "reset-fresh", "brain1", "lesion", [other])
+    assert result["clicks"] == 1
+    np.testing.assert_array_equal(reset, fresh)
+
+
+def test_saved_label_starts_the_next_request_afresh(server, client, brain1_lesion, tmp_path):
+    second = [brain1_lesion[0] + 3, brain1_lesion[1], brain1_lesion[2]]
+    mask, _, _ = slicer_click(server.url, "saver", "brain1", "lesion", [brain1_lesion])
+    label_file = tmp_path / "brain1_saved.nii.gz"
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), np.eye(4)), label_file)
+    client.save_label("brain1", str(label_file), tag="mais_session_test")
+    _, _, result = slicer_click(server.url, "saver", "brain1", "lesion", [brain1_lesion, second])
+    requests.delete(f"{server.url}/datastore/label", params={"id": "brain1", "tag": "mais_session_test"}, timeout=30)
+    assert result["steps_run"] == 2, "after a save the session is rebuilt from the full history"
+
+
+def test_restart_mid_session_does_not_fail_the_next_click(studies, tmp_path, brain1_lesion):
+    second = [brain1_lesion[0], brain1_lesion[1] - 4, brain1_lesion[2]]
+    with MonaiLabelServer(studies, tmp_path / "first.log") as first_server:
+        slicer_click(first_server.url, "restart", "brain1", "lesion", [brain1_lesion])
+    with MonaiLabelServer(studies, tmp_path / "second.log") as second_server:
+        mask, _, result = slicer_click(second_server.url, "restart", "brain1", "lesion", [brain1_lesion, second])
+        continuous, _, _ = slicer_click(second_server.url, "continuous", "brain1", "lesion", [brain1_lesion])
+        continuous, _, _ = slicer_click(second_server.url, "continuous", "brain1", "lesion", [brain1_lesion, second])
+    assert result["clicks"] == 2 and result["steps_run"] == 2
+    np.testing.assert_array_equal(mask, continuous)
+
+
+BAD_REQUESTS = {
+    "click outside the volume": ({"lesion": [[300, 10, 10]], "label": "lesion"}, "outside the image"),
+    "negative index": ({"lesion": [[-1, 10, 10]], "label": "lesion"}, "lesion[0][0]"),
+    "non-integer index": ({"lesion": [[10.5, 10, 10]], "label": "lesion"}, "valid integer"),
+    "integer as string": ({"lesion": [["10", 10, 10]], "label": "lesion"}, "valid integer"),
+    "two coordinates": ({"lesion": [[10, 10]], "label": "lesion"}, "at least 3"),
+    "wrong nesting": ({"lesion": [[[10, 10, 10]]], "label": "lesion"}, "lesion[0][0]"),
+    "flat point": ({"lesion": [10, 10, 10], "label": "lesion"}, "lesion[0]"),
+    "too many clicks": ({"lesion": [[10, 10, 10]] * 1001, "label": "lesion"}, "at most 1000"),
+    "unknown label": ({"liver": [[10, 10, 10]], "label": "liver"}, "unknown label 'liver'"),
+    "unknown label list (OHIF)": ({"liver": [[10, 10, 10]], "background": []}, "unknown label 'liver'"),
+    "bad result format": (
+        {"lesion": [[10, 10, 10]], "label": "lesion", "result_extension": ".exe"},
+        "result_extension",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_422_naming_the_problem(server, case):
+    params, expected = BAD_REQUESTS[case]
+    response = post_infer(server.url, "brain1", params)
+    assert response.status_code == 422, response.text
+    assert expected in response.json()["detail"]
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+
+
+def test_unknown_image_is_404(server):
+    response = post_infer(server.url, "no_such_image", {"lesion": [[1, 1, 1]], "label": "lesion"})
+    assert response.status_code == 404, response.text
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 32, 16, 3)], ids=["2D", "4D"])
+def test_non_3d_images_get_422(server, client, tmp_path, shape):
+    path = tmp_path / f"image_{len(shape)}d.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=shape).astype(np.float32), np.eye(4)), path)
+    image_id = f"bad_{len(shape)}d"
+    upload(client, path, image_id)
+    response = post_infer(server.url, image_id, {"lesion": [[1, 1, 1]], "label": "lesion"})
+    assert response.status_code == 422, response.text
+    assert "3D" in response.json()["detail"]

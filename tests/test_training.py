@@ -1,0 +1,208 @@
+"""Training core (lib.training): synthetic volumes, the interaction loop, and `fit` end to end. CPU only, no server.
+
+Everything runs on a tiny network (64^3 crops, a one-block encoder) so that many steps take seconds; the real
+light model goes through the same code (checked by hand with the CLI).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib.model.build import EncoderConfig, MaisConfig, build_mais, load_mais, save_mais
+from lib.training.fit import (
+    FitConfig,
+    fit,
+    load_training_pairs,
+    make_optimiser,
+    parse_args,
+    save_training_pair,
+    set_encoder_frozen,
+)
+from lib.training.interaction_loop import InteractionConfig, run_interaction
+from lib.training.synthetic import SyntheticConfig, synthetic_batch
+
+TINY_SIZE = 64
+TINY_SYNTHETIC = SyntheticConfig(size=TINY_SIZE, radius_range=(3.0, 14.0))
+
+
+def tiny_model(memory_mode: str = "both"):
+    torch.manual_seed(0)
+    encoder = EncoderConfig(embed_dim=32, depth=1, num_heads=2, window_size=0, img_size=TINY_SIZE)
+    return build_mais(MaisConfig(name="tiny", encoder=encoder, memory_mode=memory_mode, memory_size=8)).train()
+
+
+def tiny_batch(batch_size: int = 2, seed: int = 0):
+    return synthetic_batch(batch_size, torch.Generator().manual_seed(seed), TINY_SYNTHETIC)
+
+
+def parameters_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+# ------------------------------------------------------------------------------------------------ synthetic
+
+
+def test_synthetic_volumes_are_normalised_non_empty_and_seeded():
+    images, masks = tiny_batch(3)
+    assert images.shape == (3, 1, TINY_SIZE, TINY_SIZE, TINY_SIZE) and images.dtype == torch.float32
+    assert masks.shape == images.shape and masks.dtype == torch.bool
+    assert all(m.sum() >= TINY_SYNTHETIC.min_target_voxels for m in masks)
+    assert torch.isfinite(images).all() and images.std() > 0.5  # z-normalised, not a constant
+    again_images, again_masks = tiny_batch(3)
+    assert torch.equal(images, again_images) and torch.equal(masks, again_masks)
+    other_images, _ = tiny_batch(3, seed=1)
+    assert not torch.equal(images, other_images)
+
+
+# ------------------------------------------------------------------------------------------ interaction loop
+
+
+def test_interaction_loop_runs_steps_in_the_inference_order():
+    """Step k predicts with k accumulated clicks, the memory of the k-1 earlier steps and the previous logits."""
+    model = tiny_model()
+    images, masks = tiny_batch()
+    seen = []
+    predict = model.predict
+
+    def spy(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory):
+        seen.append((point_coords.shape[1], len(memory), prev_low_res_logits is None))
+        return predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
+
+    model.predict = spy
+    result = run_interaction(
+        model, model.embed_image(images), masks, np.random.default_rng(0), InteractionConfig(num_clicks=4)
+    )
+    assert seen == [(1, 0, True), (2, 1, False), (3, 2, False), (4, 3, False)]
+    assert result.loss.ndim == 0 and result.loss.requires_grad
+    assert result.dice_per_click.shape == (4,) and not result.dice_per_click.requires_grad
+    assert result.final_masks.shape == masks.shape and result.final_masks.dtype == torch.bool
+
+
+def test_training_steps_reduce_the_loss_and_leave_a_frozen_encoder_unchanged():
+    model = tiny_model()
+    set_encoder_frozen(model, True)
+    optimiser, _ = make_optimiser(model, FitConfig(lr=1e-3, steps=10, warmup_steps=1))
+    images, masks = tiny_batch()
+    with torch.no_grad():
+        image_embeddings = model.embed_image(images)
+    config = InteractionConfig(num_clicks=3)
+    encoder_before = parameters_of(model.image_encoder)
+    rest_before = {
+        part: parameters_of(getattr(model, part)) for part in ("prompt_encoder", "mask_decoder", "memory_attention")
+    }
+
+    def loss_on_the_batch() -> float:
+        with torch.no_grad():
+            return run_interaction(model, image_embeddings, masks, np.random.default_rng(0), config).loss.item()
+
+    initial_loss = loss_on_the_batch()
+    for step in range(10):
+        result = run_interaction(model, image_embeddings, masks, np.random.default_rng(step), config)
+        optimiser.zero_grad()
+        result.loss.backward()
+        optimiser.step()
+    assert loss_on_the_batch() < initial_loss - 0.05
+
+    assert not changed(encoder_before, model.image_encoder)
+    assert all(p.grad is None for p in model.image_encoder.parameters())
+    for part, before in rest_before.items():
+        assert changed(before, getattr(model, part)), f"{part} did not train"
+
+
+def test_a_trainable_encoder_gets_gradients_through_the_loop():
+    model = tiny_model("none")
+    images, masks = tiny_batch(1)
+    result = run_interaction(
+        model, model.embed_image(images), masks, np.random.default_rng(0), InteractionConfig(num_clicks=2)
+    )
+    result.loss.backward()
+    assert all(p.grad is not None for p in model.image_encoder.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------- fit
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A tiny random network saved as MAIS weights: `fit --init` trains it at 64^3 in a fraction of a second."""
+    return save_mais(tiny_model(), tmp_path_factory.mktemp("init") / "tiny.pt")
+
+
+def fit_config(tmp_path, tiny_weights, name: str, **overrides) -> FitConfig:
+    settings = dict(
+        out=tmp_path / f"{name}.pt",
+        init=tiny_weights,
+        memory_size=8,
+        steps=3,
+        batch_size=2,
+        clicks=2,
+        lr=1e-3,
+        warmup_steps=1,
+        seed=3,
+    )
+    settings.update(overrides)
+    return FitConfig(**settings)
+
+
+def test_fit_with_a_frozen_encoder_trains_the_rest_and_saves_loadable_weights(tmp_path, tiny_weights):
+    config = fit_config(tmp_path, tiny_weights, "frozen", synthetic_pool=2)  # a small pool: steps hit the cache
+    logs = []
+    result = fit(config, on_log=logs.append)
+    assert result.finished and result.steps_done == 3 and logs and logs[-1].step == 3
+    assert set(logs[-1].dice_at_click) == {1}  # clicks 5 and 10 are beyond K = 2
+    initial, trained = load_mais(tiny_weights), load_mais(result.weights_path)
+    assert trained.config.memory_size == 8
+    assert not changed(parameters_of(initial.image_encoder), trained.image_encoder)
+    assert changed(parameters_of(initial.mask_decoder), trained.mask_decoder)
+
+
+def test_fit_with_a_trainable_encoder_changes_the_encoder(tmp_path, tiny_weights):
+    config = fit_config(tmp_path, tiny_weights, "full", steps=1, freeze_encoder=False, memory_mode="none")
+    initial, trained = load_mais(tiny_weights), load_mais(fit(config).weights_path)
+    assert changed(parameters_of(initial.image_encoder), trained.image_encoder)
+
+
+def test_fit_init_may_change_the_memory_size(tmp_path, tiny_weights):
+    trained = load_mais(fit(fit_config(tmp_path, tiny_weights, "n4", steps=1, memory_size=4)).weights_path)
+    assert trained.config.memory_size == 4
+    # the encoder came from the init file (a fresh seed-3 network would differ) and stayed frozen
+    assert not changed(parameters_of(load_mais(tiny_weights).image_encoder), trained.image_encoder)
+
+
+def test_fit_resumes_exactly_where_the_time_budget_stopped_it(tmp_path, tiny_weights):
+    straight = fit(fit_config(tmp_path, tiny_weights, "straight"))
+    first = fit(fit_config(tmp_path, tiny_weights, "split", time_budget_s=1e-6))  # stops after its first step
+    assert not first.finished and first.steps_done == 1
+    resumed = fit(fit_config(tmp_path, tiny_weights, "split", resume=first.state_path))
+    assert resumed.finished and resumed.steps_done == 3
+    expected, got = load_mais(straight.weights_path).state_dict(), load_mais(resumed.weights_path).state_dict()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_fit_reads_a_data_dir_of_training_pairs(tmp_path, tiny_weights):
+    images, masks = tiny_batch(1)
+    label = masks[0].to(torch.uint8)
+    label[0, :4] = 2  # a second structure: each label value is its own target
+    data_dir = tmp_path / "pairs"
+    data_dir.mkdir()
+    save_training_pair(data_dir / "case.pt", images[0], label)
+    assert len(load_training_pairs(data_dir, TINY_SIZE)) == 2
+    result = fit(fit_config(tmp_path, tiny_weights, "real", steps=1, data_dir=data_dir, synthetic_fraction=0.0))
+    assert result.finished
+
+
+def test_cli_parses_the_documented_options(tmp_path):
+    options = "--encoder light --memory-mode dense --steps 7 --batch-size 3 --lr 2e-4 --clicks 5 --train-encoder "
+    options += "--synthetic-fraction 0.5 --seed 9 --time-budget-s 60 --amp bf16"
+    config = parse_args([*options.split(), "--data-dir", str(tmp_path), "--out", str(tmp_path / "w.pt")])
+    assert (config.memory_mode, config.steps, config.batch_size, config.clicks) == ("dense", 7, 3, 5)
+    assert not config.freeze_encoder and config.synthetic_fraction == 0.5 and config.amp == "bf16"
+    assert parse_args([]).freeze_encoder  # frozen by default (issue 5)
+    with pytest.raises(SystemExit):
+        parse_args(["--memory-mode", "everything"])
