@@ -90,6 +90,9 @@ def test_slicer_sequence_returns_masks_on_the_original_grid(server, brain1_lesio
         assert mask[tuple(first)] == LESION, "the first click's voxel is not in the mask"
         assert result["clicks"] == len(history)
         assert result["steps_run"] == 1, "a resent history must only run the new click"
+    # brain1's lesion is in the shipped weights' training data: the mask must cover it, not just contain a voxel.
+    label, _ = load(SAMPLE_DATA / "labels" / "final" / "brain1.nrrd")
+    assert dice(mask == LESION, label == LESION) > 0.8
 
 
 def test_ohif_request_without_label_key(server):
