@@ -152,25 +152,33 @@ class ModelSpaceImage:
         )
         return resampled.as_tensor().round().to(torch.int64)
 
-    def to_original_grid(self, model_logits: Tensor, window: CropWindow) -> tuple[tuple[slice, ...], np.ndarray]:
-        """Resample model-space logits [1, X, Y, Z] onto the original grid, only where `window` can change them.
+    def to_original_grid(
+        self, model_logits: Tensor, model_lo: np.ndarray, model_hi: np.ndarray
+    ) -> tuple[tuple[slice, ...], np.ndarray]:
+        """Resample the model-space box [model_lo, model_hi) of logits [1, X, Y, Z] onto the original grid.
 
-        Returns (slices of the original grid, boolean mask of that box): the caller pastes the box into the full
-        mask. Resampling just the window's footprint keeps a later click cheap on a 512x512 CT.
+        Returns (slices of the original grid, boolean mask there): the original voxels whose centres fall in the
+        box; the caller pastes them into the full mask. Resampling only where a click can have changed the mask
+        keeps a later click cheap (the whole window's footprint on Colin27 took 0.35 s on 2 CPU cores).
         """
-        corners = np.array(np.meshgrid(*[[s, s + CROP_SIZE] for s in window.start], indexing="ij")).reshape(3, -1).T
+        corners = np.array(np.meshgrid(*zip(model_lo, np.asarray(model_hi) - 1), indexing="ij")).reshape(3, -1).T
         model_to_original = torch.linalg.inv(self._original_to_model).numpy()
         corners_original = (np.c_[corners, np.ones(len(corners))] @ model_to_original.T)[:, :3]
-        lo = np.clip(np.floor(corners_original.min(0)).astype(int) - 1, 0, self.original_shape)
-        hi = np.clip(np.ceil(corners_original.max(0)).astype(int) + 2, 0, self.original_shape)
+        lo = np.clip(np.floor(corners_original.min(0)).astype(int), 0, self.original_shape)
+        hi = np.clip(np.ceil(corners_original.max(0)).astype(int) + 1, 0, self.original_shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         box_shape = tuple(int(b - a) for a, b in zip(lo, hi))
         if min(box_shape) <= 0:
             return box, np.zeros(box_shape, dtype=bool)
         box_affine = self.original_affine.clone()
         box_affine[:3, 3] = (self.original_affine @ torch.tensor([*lo, 1.0], dtype=torch.float64))[:3]
-        source = MetaTensor(model_logits.float(), affine=self.affine.float())
+        # the source is cut to the box plus one voxel (trilinear support), with its affine moved accordingly
+        src_lo = np.maximum(np.asarray(model_lo) - 1, 0)
+        src_hi = np.minimum(np.asarray(model_hi) + 1, self.shape)
+        src_affine = self.affine.clone()
+        src_affine[:3, 3] = (self.affine @ torch.tensor([*src_lo, 1.0], dtype=torch.float64))[:3]
+        source = model_logits[(slice(None), *(slice(int(a), int(b)) for a, b in zip(src_lo, src_hi)))]
         resampled = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
-            source, dst_affine=box_affine.float(), spatial_size=box_shape
+            MetaTensor(source.float(), affine=src_affine.float()), dst_affine=box_affine.float(), spatial_size=box_shape
         )
         return box, (resampled[0] > 0).cpu().numpy()

@@ -9,15 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lib.clicks.simulator import NEGATIVE, POSITIVE, Click
+
+# A click's coord here is an [i, j, k] voxel index of the original image.
 Voxel = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class Click:
-    """ijk: voxel index of the original image; positive: True = inside the structure."""
-
-    ijk: Voxel
-    positive: bool
 
 
 @dataclass(frozen=True)
@@ -35,13 +30,14 @@ def reconcile(applied: Sequence[Click], positives: Sequence[Voxel], negatives: S
     after, positives first (a request normally adds one click). If any applied click is gone, the session is
     rebuilt from the clicks that remain plus the new ones.
     """
-    remaining = {True: list(positives), False: list(negatives)}
+    remaining = {POSITIVE: list(positives), NEGATIVE: list(negatives)}
     kept = []
     for click in applied:
-        if click.ijk in remaining[click.positive]:
-            remaining[click.positive].remove(click.ijk)
+        if click.coord in remaining[click.label]:
+            remaining[click.label].remove(click.coord)
             kept.append(click)
-    new = [Click(ijk, True) for ijk in remaining[True]] + [Click(ijk, False) for ijk in remaining[False]]
+    new = [Click(coord, POSITIVE) for coord in remaining[POSITIVE]]
+    new += [Click(coord, NEGATIVE) for coord in remaining[NEGATIVE]]
     if len(kept) == len(applied):
         return HistoryUpdate(new=new, replay=None)
     return HistoryUpdate(new=[], replay=kept + new)

@@ -23,6 +23,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.transform.writer import Writer
 
 from lib.clicks.history import reconcile
+from lib.clicks.simulator import POSITIVE
 from lib.configs.app_settings import AppSettings
 from lib.imaging import ModelSpaceImage, VolumeError
 from lib.infers.request import ClickRequest, RequestError, parse_click_request
@@ -158,7 +159,7 @@ class MaisInfer(InferTask):
         changed = []
         for label, points in clicked.items():
             entry = self.sessions.get((client_id or "anonymous", image_path, label))
-            applied = [c.ijk for c in entry.session.clicks if c.positive] if entry else []
+            applied = [c.coord for c in entry.session.clicks if c.label == POSITIVE] if entry else []
             if applied != [tuple(p) for p in points]:
                 changed.append(label)
         return (changed or list(clicked))[-1]

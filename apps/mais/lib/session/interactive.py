@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lib.clicks.history import Click
+from lib.clicks.simulator import Click
 from lib.imaging import BACKGROUND_LOGIT, CROP_MARGIN, CropWindow, ModelSpaceImage
 
 LOW_RES_SIZE = 32  # the mask decoder's output grid (128 / 4)
@@ -33,6 +33,7 @@ class _Window:
     image_embedding: Tensor
     memory: object  # lib.model MemoryBank
     low_res_logits: Tensor | None = None
+    positive_box: tuple[np.ndarray, np.ndarray] | None = None  # model-space [lo, hi) of the last positive logits
 
 
 @dataclass
@@ -69,12 +70,12 @@ class InteractiveSession:
     def add_click(self, click: Click) -> None:
         """One interaction step: predict with this click and the memory of the earlier ones; update the mask."""
         self.clicks.append(click)
-        point = self.image.to_model_voxels(np.array([click.ijk]))[0]
+        point = self.image.to_model_voxels(np.array([click.coord]))[0]
         window = self._window_for(point)
-        inside = [c for c in self.clicks if window.crop.contains(self.image.to_model_voxels(np.array([c.ijk]))[0])]
-        model_points = self.image.to_model_voxels(np.array([c.ijk for c in inside]))
+        inside = [c for c in self.clicks if window.crop.contains(self.image.to_model_voxels(np.array([c.coord]))[0])]
+        model_points = self.image.to_model_voxels(np.array([c.coord for c in inside]))
         point_coords = torch.from_numpy(window.crop.to_local(model_points)).to(self.device)[None]  # [1, P, 3]
-        point_labels = torch.tensor([[int(c.positive) for c in inside]], device=self.device)  # [1, P]
+        point_labels = torch.tensor([[c.label for c in inside]], device=self.device)  # [1, P]
         output = self.model.predict(
             window.image_embedding, point_coords, point_labels, window.low_res_logits, window.memory
         )
@@ -82,8 +83,25 @@ class InteractiveSession:
         window.low_res_logits = output.low_res_logits
         window_logits = self.model.upsample_logits(output.low_res_logits)[0].float().cpu()  # [1, 128, 128, 128]
         window.crop.paste(self.logits, window_logits.half())
-        box, box_mask = self.image.to_original_grid(self.logits, window.crop)
-        self.mask[box] = box_mask
+        self._update_mask(window, window_logits)
+
+    def _update_mask(self, window: _Window, window_logits: Tensor) -> None:
+        """Bring the original-grid mask up to date where this step's or the window's previous positives lie."""
+        positive = torch.nonzero(window_logits[0] > 0)
+        new_box = None
+        if len(positive):
+            start = np.asarray(window.crop.start)
+            lo = np.maximum(positive.min(0).values.numpy() + start - 1, 0)
+            hi = np.minimum(positive.max(0).values.numpy() + start + 2, self.image.shape)
+            new_box = (lo, hi)
+        boxes = [box for box in (new_box, window.positive_box) if box is not None]
+        window.positive_box = new_box
+        if not boxes:
+            return
+        lo = np.min([box[0] for box in boxes], axis=0)
+        hi = np.max([box[1] for box in boxes], axis=0)
+        original_box, box_mask = self.image.to_original_grid(self.logits, lo, hi)
+        self.mask[original_box] = box_mask
 
     def _window_for(self, point: np.ndarray) -> _Window:
         """The window a click at model-space `point` [3] is predicted in; opens a new one where none fits."""
