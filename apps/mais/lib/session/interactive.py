@@ -44,7 +44,7 @@ class InteractiveSession:
     model: torch.nn.Module
     clicks: list[Click] = field(default_factory=list)
     windows: list[_Window] = field(default_factory=list)
-    logits: Tensor | None = None  # [1, X, Y, Z] float16 model-space logits of everything predicted so far
+    logits: Tensor | None = None  # [1, X, Y, Z] float16 model-space logits so far, on the model's device
     mask: np.ndarray | None = None  # [I, J, K] bool on the original grid
 
     def __post_init__(self) -> None:
@@ -57,7 +57,7 @@ class InteractiveSession:
     def reset(self) -> None:
         """Forget every click, window and mask (the image and its model-space volume stay)."""
         self.clicks, self.windows = [], []
-        self.logits = torch.full((1, *self.image.shape), BACKGROUND_LOGIT, dtype=torch.float16)
+        self.logits = torch.full((1, *self.image.shape), BACKGROUND_LOGIT, dtype=torch.float16, device=self.device)
         self.mask = np.zeros(self.image.original_shape, dtype=bool)
 
     def replay(self, clicks: list[Click]) -> None:
@@ -81,13 +81,13 @@ class InteractiveSession:
         )
         window.memory.push(output.memory_entry)
         window.low_res_logits = output.low_res_logits
-        window_logits = self.model.upsample_logits(output.low_res_logits)[0].float().cpu()  # [1, 128, 128, 128]
+        window_logits = self.model.upsample_logits(output.low_res_logits)[0].float()  # [1, 128, 128, 128]
         window.crop.paste(self.logits, window_logits.half())
         self._update_mask(window, window_logits)
 
     def _update_mask(self, window: _Window, window_logits: Tensor) -> None:
         """Bring the original-grid mask up to date where this step's or the window's previous positives lie."""
-        positive = torch.nonzero(window_logits[0] > 0)
+        positive = torch.nonzero(window_logits[0] > 0).cpu()
         new_box = None
         if len(positive):
             start = np.asarray(window.crop.start)
