@@ -139,3 +139,19 @@ def test_mais_file_errors_are_clear(tmp_path):
     torch.save(payload, path)
     with pytest.raises(WeightsError, match=rf"key '{key}' has shape \(3, 64\), the model expects \(5, 64\)"):
         load_mais(path)
+
+
+def test_import_command_turns_an_official_checkpoint_into_a_served_weights_file(tmp_path):
+    """What a user does with their own sam_med3d_turbo.pth (README): same predictions as the checkpoint."""
+    from lib.model.import_sam_med3d import main as import_sam_med3d
+
+    official = build_mais(MaisConfig.sam_med3d())
+    checkpoint = tmp_path / "sam_med3d_turbo.pth"
+    torch.save({"model_state_dict": sam_state(official), "args": argparse.Namespace(lr=8e-5)}, checkpoint)
+    imported_path = tmp_path / "sam_med3d_turbo_mais.pt"
+    import_sam_med3d([str(checkpoint), str(imported_path), "--trusted"])
+
+    imported = load_mais(imported_path)
+    assert imported.config.name == "sam_med3d" and imported.memory_mode == "none"
+    for key, value in sam_state(official).items():
+        assert torch.equal(imported.state_dict()[key], value), key

@@ -136,6 +136,7 @@ class MaisInfer(InferTask):
             "label_index": self.label_map[clicks.label],
             "clicks": len(session.clicks),
             "steps_run": steps,
+            "windows": len(session.windows),
             "voxels": int(np.count_nonzero(mask)),
             "latency_s": round(time.perf_counter() - started, 4),
         }
