@@ -63,6 +63,7 @@ class ModelLoader:
 
 class MaisInfer(InferTask):
     def __init__(self, settings: AppSettings, label_map: dict[str, int], model_loader: ModelLoader):
+        model_config = model_loader.get()[0].config
         super().__init__(
             type=InferType.DEEPEDIT,
             labels=label_map,
@@ -70,8 +71,8 @@ class MaisInfer(InferTask):
             description="MAIS: click-based 3D segmentation that remembers earlier clicks",
             config={
                 # Shown by Slicer and OHIF; informative: the server's --conf values apply.
-                "memory_mode": model_loader.get()[0].memory_mode,
-                "memory_size": model_loader.get()[0].config.memory_size,
+                "memory_mode": model_config.memory_mode,
+                "memory_size": model_config.memory_size,
                 "session_ttl_s": settings.session_ttl_s,
             },
         )

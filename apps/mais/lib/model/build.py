@@ -186,6 +186,15 @@ def save_mais(
         "model_state_dict": state,
         "metadata": dict(metadata or {}),
     }
+    atomic_torch_save(payload, path)
+    logger.info("saved MAIS model (%s, memory %s) to %s", model.config.name, model.config.memory_mode, path)
+    return path
+
+
+def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
+    """torch.save into a temporary file of the same folder, then os.replace: a reader (the server reloading
+    published weights, a resumed run) sees the old file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -195,8 +204,6 @@ def save_mais(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    logger.info("saved MAIS model (%s, memory %s) to %s", model.config.name, model.config.memory_mode, path)
-    return path
 
 
 def read_mais_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -70,12 +70,12 @@ class InteractiveSession:
     def add_click(self, click: Click) -> None:
         """One interaction step: predict with this click and the memory of the earlier ones; update the mask."""
         self.clicks.append(click)
-        point = self.image.to_model_voxels(np.array([click.coord]))[0]
-        window = self._window_for(point)
-        inside = [c for c in self.clicks if window.crop.contains(self.image.to_model_voxels(np.array([c.coord]))[0])]
-        model_points = self.image.to_model_voxels(np.array([c.coord for c in inside]))
-        point_coords = torch.from_numpy(window.crop.to_local(model_points)).to(self.device)[None]  # [1, P, 3]
-        point_labels = torch.tensor([[c.label for c in inside]], device=self.device)  # [1, P]
+        model_points = self.image.to_model_voxels(np.array([c.coord for c in self.clicks]))  # [N, 3]
+        window = self._window_for(model_points[-1])
+        inside = np.array([window.crop.contains(point) for point in model_points])
+        point_coords = torch.from_numpy(window.crop.to_local(model_points[inside])).to(self.device)[None]  # [1, P, 3]
+        labels = [c.label for c, keep in zip(self.clicks, inside) if keep]
+        point_labels = torch.tensor([labels], device=self.device)  # [1, P]
         output = self.model.predict(
             window.image_embedding, point_coords, point_labels, window.low_res_logits, window.memory
         )

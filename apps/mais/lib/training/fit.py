@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lib.model.build import MaisConfig, build_mais, load_mais, save_mais
+from lib.model.build import MaisConfig, atomic_torch_save, build_mais, load_mais, save_mais
 from lib.model.mais import Mais
 from lib.model.memory_attention import MEMORY_MODES
 from lib.training.interaction_loop import InteractionConfig, run_interaction
@@ -421,7 +420,7 @@ def _save(
         "torch_generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
-    _atomic_torch_save(state, config.state_path)
+    atomic_torch_save(state, config.state_path)
 
 
 def _load_state(path: Path, model, optimiser, schedule, rng, generator) -> int:
@@ -442,18 +441,6 @@ def _load_state(path: Path, model, optimiser, schedule, rng, generator) -> int:
     torch.set_rng_state(state["torch_rng"])
     logger.info("resumed from %s at step %d", path, state["step"])
     return int(state["step"])
-
-
-def _atomic_torch_save(payload: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
