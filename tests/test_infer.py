@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 
 import nibabel as nib
 import numpy as np
@@ -243,3 +244,19 @@ def test_non_3d_images_get_422(server, client, tmp_path, shape):
     response = post_infer(server.url, image_id, {"lesion": [[1, 1, 1]], "label": "lesion"})
     assert response.status_code == 422, response.text
     assert "3D" in response.json()["detail"]
+
+
+def test_session_bounds_from_conf_evict_and_expire_without_failing(studies, tmp_path, brain1_lesion):
+    """--conf max_sessions / session_ttl_s bound the store; an evicted or expired user is rebuilt by replay."""
+    second = [brain1_lesion[0] + 3, brain1_lesion[1], brain1_lesion[2]]
+    conf = {"max_sessions": "2", "session_ttl_s": "4"}
+    with MonaiLabelServer(studies, tmp_path / "bounded.log", conf=conf) as bounded:
+        for user in ("u1", "u2", "u3"):  # u1 is the least recently used when u3 arrives
+            slicer_click(bounded.url, user, "brain1", "lesion", [brain1_lesion])
+        _, _, evicted = slicer_click(bounded.url, "u1", "brain1", "lesion", [brain1_lesion, second])
+        _, _, kept = slicer_click(bounded.url, "u3", "brain1", "lesion", [brain1_lesion, second])
+        time.sleep(5)
+        _, _, expired = slicer_click(bounded.url, "u3", "brain1", "lesion", [brain1_lesion, second])
+    assert evicted["steps_run"] == 2, "u1's session should have been evicted and replayed"
+    assert kept["steps_run"] == 1, "u3's session should have been kept"
+    assert expired["steps_run"] == 2, "u3's session should have expired after 4 s idle"
