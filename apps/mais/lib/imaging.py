@@ -97,6 +97,10 @@ class CropWindow:
             window_slices.append(slice(lo - start, hi - start))
         return tuple(volume_slices), tuple(window_slices)
 
+    def overlap(self, other: CropWindow) -> tuple[slice, ...]:
+        """The part of this window that `other` covers too, as slices of this window's coordinates."""
+        return tuple(slice(max(b - a, 0), min(b - a + CROP_SIZE, CROP_SIZE)) for a, b in zip(self.start, other.start))
+
     def extract(self, volume: Tensor, fill: float) -> Tensor:
         """volume [C, X, Y, Z] -> window [C, 128, 128, 128], `fill` outside the volume."""
         out = volume.new_full((volume.shape[0], CROP_SIZE, CROP_SIZE, CROP_SIZE), fill)

@@ -20,9 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lib.clicks.simulator import Click
-from lib.imaging import BACKGROUND_LOGIT, CROP_MARGIN, CropWindow, ModelSpaceImage
+from lib.imaging import BACKGROUND_LOGIT, CROP_MARGIN, CROP_SIZE, CropWindow, ModelSpaceImage
 
 LOW_RES_SIZE = 32  # the mask decoder's output grid (128 / 4)
+# A mask with fewer voxels than this on a window face is a touch, not a structure running on: not followed.
+MIN_BORDER_VOXELS = 20
+# The point that seeds a neighbouring window sits this deep inside the face (model voxels, 1.5 mm), where the
+# mask is still well defined.
+BORDER_POINT_DEPTH = 4
 
 
 @dataclass
@@ -76,14 +81,66 @@ class InteractiveSession:
         point_coords = torch.from_numpy(window.crop.to_local(model_points[inside])).to(self.device)[None]  # [1, P, 3]
         labels = [c.label for c, keep in zip(self.clicks, inside) if keep]
         point_labels = torch.tensor([labels], device=self.device)  # [1, P]
+        window_logits = self._step(window, point_coords, point_labels)
+        neighbour = self._neighbour_across_border(window, window_logits)
+        if neighbour is not None:
+            self._step(*neighbour, keep=window.crop)
+
+    def _step(
+        self, window: _Window, point_coords: Tensor, point_labels: Tensor, keep: CropWindow | None = None
+    ) -> Tensor:
+        """Predict in `window` with these points [1, P, 3] / [1, P], its memory and last logits; push the step's
+        memory entry and update the mask. Where `keep` overlaps, the logits so far stay (an extension adds to
+        the clicked window's prediction, it does not overwrite it). Returns the window's logits [1, 128^3]."""
         output = self.model.predict(
             window.image_embedding, point_coords, point_labels, window.low_res_logits, window.memory
         )
         window.memory.push(output.memory_entry)
         window.low_res_logits = output.low_res_logits
         window_logits = self.model.upsample_logits(output.low_res_logits)[0].float()  # [1, 128, 128, 128]
+        if keep is not None:
+            kept = (slice(None), *window.crop.overlap(keep))
+            window_logits[kept] = window.crop.extract(self.logits, fill=BACKGROUND_LOGIT)[kept].float()
         window.crop.paste(self.logits, window_logits.half())
         self._update_mask(window, window_logits)
+        return window_logits
+
+    def _neighbour_across_border(self, window: _Window, window_logits: Tensor) -> tuple | None:
+        """Where the mask runs into a face of the window behind which the image goes on, the window half a crop
+        further that way, with a positive point on the mask just inside that face (in the neighbour's
+        coordinates): (window, point_coords, point_labels). None when the mask stays inside or a window is there.
+
+        Once per click at most, so a click costs at most two steps; the structure is followed further by the
+        next click, as the clicks beyond a window open their own (see `_window_for`).
+        """
+        positive = window_logits[0] > 0  # [128, 128, 128]
+        start = np.asarray(window.crop.start)
+        best = None
+        for axis in range(3):
+            for side, index in ((-1, 0), (1, CROP_SIZE - 1)):
+                image_goes_on = start[axis] > 0 if side < 0 else start[axis] + CROP_SIZE < self.image.shape[axis]
+                touching = int(positive.select(axis, index).sum()) if image_goes_on else 0
+                if touching >= MIN_BORDER_VOXELS and (best is None or touching > best[0]):
+                    best = (touching, axis, side, index)
+        if best is None:
+            return None
+        _, axis, side, index = best
+        centre = start + CROP_SIZE // 2
+        centre[axis] += side * CROP_SIZE // 2
+        crop = CropWindow.around(centre, self.image.shape)
+        if any(other.crop == crop for other in self.windows):
+            return None
+        # the positive voxel nearest the middle of the mask's crossing, a few voxels inside the face
+        inner = index - side * BORDER_POINT_DEPTH
+        crossing = torch.nonzero(positive.select(axis, inner)).cpu().numpy()
+        if not len(crossing):
+            return None
+        nearest = crossing[np.argmin(np.abs(crossing - crossing.mean(0)).sum(1))]
+        point = np.insert(nearest, axis, inner) + start
+        neighbour = self._open_window(crop)
+        point_coords = torch.from_numpy(crop.to_local(point[None])).to(self.device)[None]  # [1, 1, 3]
+        point_labels = torch.ones((1, 1), dtype=torch.long, device=self.device)
+        return neighbour, point_coords, point_labels
 
     def _update_mask(self, window: _Window, window_logits: Tensor) -> None:
         """Bring the original-grid mask up to date where this step's or the window's previous positives lie."""
@@ -108,7 +165,10 @@ class InteractiveSession:
         for window in reversed(self.windows):  # the most recent window first: it holds the newest context
             if window.crop.contains(point, margin=CROP_MARGIN):
                 return window
-        crop = CropWindow.around(point, self.image.shape)
+        return self._open_window(CropWindow.around(point, self.image.shape))
+
+    def _open_window(self, crop: CropWindow) -> _Window:
+        """A new window: its image embedding, an empty memory, and as previous mask what other windows found."""
         volume = crop.extract(self.image.volume, fill=self.image.pad_value)[None].to(self.device)
         window = _Window(crop, self.model.embed_image(volume), self.model.new_memory(batch_size=1))
         if self.windows:  # continue from what earlier windows predicted here
