@@ -85,3 +85,17 @@ def test_missing_studies_folder_starts_empty_with_a_warning(tmp_path):
 def test_bad_session_bounds_are_refused(port_conf):
     (key,) = port_conf
     _assert_refused(port_conf, f"--conf {key}")
+
+
+def test_own_label_map_from_conf(tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"liver": 1, "spleen": 2}')
+    with MonaiLabelServer(tmp_path / "studies", tmp_path / "server.log", conf={"labels": str(labels)}) as running:
+        info = requests.get(f"{running.url}/info/", timeout=30).json()
+    assert info["models"]["mais"]["labels"] == {"background": 0, "liver": 1, "spleen": 2}
+
+
+def test_bad_label_map_is_refused(tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"liver": 1, "spleen": 1}')
+    _assert_refused({"labels": str(labels)}, "index 1 is used twice")
