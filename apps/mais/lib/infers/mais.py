@@ -121,6 +121,7 @@ class MaisInfer(InferTask):
             steps = self._apply(session, clicks)
             mask = session.mask.astype(_NUMPY_DTYPES[clicks.result_dtype]) * self.label_map[clicks.label]
             affine = session.image.original_affine
+            click_count, window_count = len(session.clicks), len(session.windows)
 
         label_path, _ = Writer(label="pred")(
             {
@@ -135,9 +136,9 @@ class MaisInfer(InferTask):
         result = {
             "label": clicks.label,
             "label_index": self.label_map[clicks.label],
-            "clicks": len(session.clicks),
+            "clicks": click_count,
             "steps_run": steps,
-            "windows": len(session.windows),
+            "windows": window_count,
             "voxels": int(np.count_nonzero(mask)),
             "latency_s": round(time.perf_counter() - started, 4),
         }

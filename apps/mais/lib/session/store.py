@@ -58,10 +58,6 @@ class SessionStore:
             self._drop_expired()
             return self._entries.get(key)
 
-    def drop(self, key: Hashable) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-
     def drop_where(self, predicate: Callable[[Hashable], bool]) -> int:
         """Drop every session whose key matches (e.g. all sessions of an image whose label was saved)."""
         with self._lock:
@@ -73,14 +69,6 @@ class SessionStore:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(entry.session.nbytes for entry in self._entries.values())
 
     def _drop_expired(self) -> None:
         now = time.monotonic()
