@@ -20,8 +20,11 @@ from lib.training.fit import (
     save_training_pair,
     set_encoder_frozen,
 )
+from lib.training.distributed import fit_distributed
 from lib.training.interaction_loop import InteractionConfig, run_interaction
+from lib.training.real_data import StructureCrop
 from lib.training.synthetic import SyntheticConfig, synthetic_batch
+from lib.training.validation import validate
 
 TINY_SIZE = 64
 TINY_SYNTHETIC = SyntheticConfig(size=TINY_SIZE, radius_range=(3.0, 14.0))
@@ -200,9 +203,53 @@ def test_fit_reads_a_data_dir_of_training_pairs(tmp_path, tiny_weights):
 def test_cli_parses_the_documented_options(tmp_path):
     options = "--encoder light --memory-mode dense --steps 7 --batch-size 3 --lr 2e-4 --clicks 5 --train-encoder "
     options += "--synthetic-fraction 0.5 --seed 9 --time-budget-s 60 --amp bf16"
-    config = parse_args([*options.split(), "--data-dir", str(tmp_path), "--out", str(tmp_path / "w.pt")])
+    config, gpus = parse_args([*options.split(), "--data-dir", str(tmp_path), "--out", str(tmp_path / "w.pt")])
     assert (config.memory_mode, config.steps, config.batch_size, config.clicks) == ("dense", 7, 3, 5)
     assert not config.freeze_encoder and config.synthetic_fraction == 0.5 and config.amp == "bf16"
-    assert parse_args([]).freeze_encoder  # frozen by default (issue 5)
+    assert gpus == 1 and parse_args(["--gpus", "2"])[1] == 2
+    assert parse_args([])[0].freeze_encoder  # frozen by default (issue 5)
     with pytest.raises(SystemExit):
         parse_args(["--memory-mode", "everything"])
+
+
+# ------------------------------------------------------------------------------------- validation and DDP
+
+
+def tiny_crops(count: int, seed: int) -> list[StructureCrop]:
+    images, masks = tiny_batch(count, seed=seed)
+    return [StructureCrop(image, mask, f"synthetic:{i}") for i, (image, mask) in enumerate(zip(images, masks))]
+
+
+def test_fit_validates_before_during_and_after_and_keeps_the_best_weights(tmp_path, tiny_weights):
+    crops = tiny_crops(2, seed=5)
+    config = fit_config(tmp_path, tiny_weights, "val", steps=12, validate_every=4, synthetic_fraction=0.0, lr=3e-3)
+    validations = []
+    result = fit(config, crops=crops, val_crops=crops, on_validation=validations.append)
+    assert [v.step for v in validations] == [0, 4, 8, 12]
+    assert result.baseline.step == 0 and len(result.baseline.dice_per_click) == config.clicks
+    assert set(result.baseline.per_target) == {"synthetic:0", "synthetic:1"}
+    # trained on the very crops it is validated on: the score must rise, and the best weights are on disk
+    assert result.best_step > 0 and result.best.score > result.baseline.score
+    best = load_mais(config.best_path)
+    again = validate(best.train(), crops, config.clicks, step=result.best_step, seed=config.seed)
+    assert again.score == pytest.approx(result.best.score, abs=1e-6)
+
+
+def test_validation_is_deterministic_and_restores_train_mode(tiny_weights):
+    model = load_mais(tiny_weights).train()
+    set_encoder_frozen(model, True)
+    crops = tiny_crops(2, seed=6)
+    first, second = (validate(model, crops, num_clicks=3, step=0) for _ in range(2))
+    assert first.dice_per_click == second.dice_per_click and len(first.dice_per_click) == 3
+    assert model.training and model.mask_decoder.training and not model.image_encoder.training
+
+
+def test_fit_distributed_trains_with_ddp_on_two_cpu_processes(tmp_path, tiny_weights):
+    """The multi-GPU path (one process per GPU, DDP) run on the CPU over gloo: same code, no GPU needed."""
+    config = fit_config(tmp_path, tiny_weights, "ddp", steps=2, log_every=1, device="cpu")
+    result = fit_distributed(config, world_size=2)
+    assert result.finished and result.steps_done == 2
+    assert result.last_log.step == 2
+    initial, trained = load_mais(tiny_weights), load_mais(result.weights_path)
+    assert changed(parameters_of(initial.mask_decoder), trained.mask_decoder)
+    assert not changed(parameters_of(initial.image_encoder), trained.image_encoder)

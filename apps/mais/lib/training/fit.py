@@ -14,6 +14,13 @@ Data: each sample is a 128^3 crop and one binary target. Sources, mixed per samp
 With the encoder frozen, image embeddings are computed once per image (real crops and the synthetic pool) and
 kept in memory on the training device; fresh synthetic volumes are embedded every step.
 
+Validation (optional, `val_crops`): Dice after each click on held-out crops (lib.training.validation), before
+the first step (the starting weights' baseline), every `validate_every` steps and at the end; the weights that
+beat the baseline and every earlier validation are also written to `<out stem>.best.pt` (`FitConfig.best_path`).
+
+Several GPUs: `lib.training.distributed.fit_distributed` runs `fit` once per GPU under torch DDP; each process
+draws its own samples, gradients are averaged, and only rank 0 validates, logs and writes files.
+
 Checkpoints: the weights go to `out` with `save_mais` (atomic) at the end and every `checkpoint_every` steps,
 together with a training state `<out>.state.pt` (model, optimiser, schedule, step, random states; atomic too).
 `--resume <out>.state.pt` continues a run exactly where it stopped; `time_budget_s` stops a run cleanly (and
@@ -37,7 +44,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from lib.model.build import MaisConfig, atomic_torch_save, build_mais, load_mais, save_mais
 from lib.model.mais import Mais
@@ -45,6 +53,7 @@ from lib.model.memory_attention import MEMORY_MODES
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
 from lib.training.synthetic import SyntheticConfig, synthetic_sample
+from lib.training.validation import ValidationResult, validate
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +92,7 @@ class FitConfig:
     device: str = "auto"
     log_every: int = 10
     checkpoint_every: int = 200
+    validate_every: int = 0  # steps between validations (0: only before and after training); needs val_crops
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -95,11 +105,18 @@ class FitConfig:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
         if min(self.steps, self.batch_size, self.clicks, self.log_every, self.checkpoint_every) < 1:
             raise ValueError("steps, batch_size, clicks, log_every and checkpoint_every must be >= 1")
+        if self.validate_every < 0:
+            raise ValueError(f"validate_every must be >= 0, got {self.validate_every}")
 
     @property
     def state_path(self) -> Path:
         """Where the training state for `--resume` is written, beside the weights."""
         return self.out.with_name(self.out.name + ".state.pt")
+
+    @property
+    def best_path(self) -> Path:
+        """Where the weights with the best validation score are written, beside the weights."""
+        return self.out.with_name(self.out.name.removesuffix(".pt") + ".best.pt")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -120,7 +137,10 @@ class TrainingLog:
 
 @dataclass
 class FitResult:
-    """How a run ended. finished: all `steps` done (False when the time budget stopped it first)."""
+    """How a run ended. finished: all `steps` done (False when the time budget stopped it first).
+
+    With validation crops: `baseline` is the starting weights' validation, `best` the best one after it, and
+    `best_step` > 0 when some step beat the baseline (its weights are at `FitConfig.best_path`), else 0."""
 
     steps_done: int
     finished: bool
@@ -128,6 +148,9 @@ class FitResult:
     state_path: Path
     last_log: TrainingLog | None
     samples_per_s: float
+    baseline: ValidationResult | None = None
+    best: ValidationResult | None = None
+    best_step: int = 0
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -221,6 +244,28 @@ class _EmbeddingCache:
         return torch.stack([computed[i] if i in computed else self.embeddings[key] for i, key in enumerate(keys)])
 
 
+class _InteractionStep(nn.Module):
+    """The training forward pass as one module: torch DDP averages the gradients of what runs in `forward`, so
+    the embedding (cached or not) and the whole K-click interaction must run inside it."""
+
+    def __init__(self, model: Mais, cache: _EmbeddingCache | None, interaction: InteractionConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+        self.interaction = interaction
+
+    def forward(
+        self, keys: list[str | None], images: Tensor, masks: Tensor, rng: np.random.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """(loss, dice_per_click [K]) of one batch, as `run_interaction` returns them."""
+        if self.cache is not None:
+            embeddings = self.cache.embed(self.model, keys, images)
+        else:
+            embeddings = self.model.embed_image(images)
+        result = run_interaction(self.model, embeddings, masks, rng, self.interaction)
+        return result.loss, result.dice_per_click
+
+
 # ----------------------------------------------------------------------------------------------------- model
 
 
@@ -282,13 +327,20 @@ def make_optimiser(model: Mais, config: FitConfig) -> tuple[torch.optim.Optimize
 def fit(
     config: FitConfig,
     crops: Sequence[StructureCrop] = (),
+    val_crops: Sequence[StructureCrop] = (),
     on_log: Callable[[TrainingLog], None] | None = None,
+    on_validation: Callable[[ValidationResult], None] | None = None,
 ) -> FitResult:
-    """Train as `config` says; returns how the run ended. crops: real training crops (added to `data_dir`'s).
+    """Train as `config` says; returns how the run ended. crops: real training crops (added to `data_dir`'s);
+    val_crops: validation crops (see the module docstring).
 
-    on_log is called with every TrainingLog (the MONAI Label trainer reports them in /train status).
+    on_log / on_validation are called with every TrainingLog / ValidationResult (the MONAI Label trainer reports
+    them in /train status). Inside a torch.distributed process group (`fit_distributed`) the model trains under
+    DDP and only rank 0 validates, calls back and writes files.
     """
     fit_started = time.monotonic()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    is_main = rank == 0
     device = resolve_device(config.device)
     torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     if config.deterministic and device.type == "cuda":
@@ -298,20 +350,33 @@ def fit(
     targets = [_Target(crop.name, crop.volume, crop.mask) for crop in crops]
     if config.data_dir is not None:
         targets += load_training_pairs(config.data_dir, model.img_size)
-    source = _BatchSource(config, targets, model.img_size, device)
-    rng = np.random.default_rng(config.seed)
+    # every process draws its own samples and clicks; the model starts identical (DDP broadcasts rank 0's)
+    source = _BatchSource(dataclasses.replace(config, seed=config.seed + rank), targets, model.img_size, device)
+    rng = np.random.default_rng(config.seed + rank)
     step = 0
     if config.resume is not None:
         step = _load_state(config.resume, model, optimiser, schedule, rng, source.generator)
     cache = _EmbeddingCache() if config.freeze_encoder else None
-    interaction = InteractionConfig(num_clicks=config.clicks, ce_weight=config.ce_weight)
+    interaction_step = _InteractionStep(
+        model, cache, InteractionConfig(num_clicks=config.clicks, ce_weight=config.ce_weight)
+    )
+    if world_size > 1:
+        interaction_step = nn.parallel.DistributedDataParallel(
+            interaction_step,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # memory attention has nothing to attend to at click 1 and runs not at all in mode "none"
+            find_unused_parameters=True,
+        )
     autocast = _autocast(config.amp, device)
+    validation = _Validation(config, val_crops, model, cache, on_validation) if val_crops and is_main else None
     logger.info(
-        "training %s (memory %s, N=%d) on %s: steps %d-%d, batch %d, K=%d, encoder %s, %d real targets, synthetic %.2f",
+        "training %s (memory %s, N=%d) on %s x%d: steps %d-%d, batch %d, K=%d, encoder %s, %d real targets, "
+        "synthetic %.2f",
         model.config.name,
         config.memory_mode,
         config.memory_size,
         device,
+        world_size,
         step + 1,
         config.steps,
         config.batch_size,
@@ -321,31 +386,37 @@ def fit(
         source.synthetic_fraction,
     )
 
+    if validation is not None and step == 0:
+        validation.run(step)
     window = deque(maxlen=config.log_every)  # (loss, dice_per_click [K]) of recent steps
     loop_started, samples, slowest_step_s, last_log = time.monotonic(), 0, 0.0, None
     while step < config.steps:
         step_started = time.monotonic()
         keys, images, masks = source.next_batch(rng)
         with autocast:
-            image_embeddings = cache.embed(model, keys, images) if cache is not None else model.embed_image(images)
-            result = run_interaction(model, image_embeddings, masks, rng, interaction)
-        _optimise(result.loss, optimiser, schedule, config.max_grad_norm)
+            loss, dice_per_click = interaction_step(keys, images, masks, rng)
+        _optimise(loss, optimiser, schedule, config.max_grad_norm)
         step += 1
-        samples += len(keys)
-        window.append((result.loss.item(), result.dice_per_click.cpu()))
+        samples += len(keys) * world_size
+        window.append((loss.item(), dice_per_click.cpu()))
         slowest_step_s = max(slowest_step_s, time.monotonic() - step_started)
 
-        if step % config.log_every == 0 or step == config.steps:
+        if is_main and (step % config.log_every == 0 or step == config.steps):
             elapsed = time.monotonic() - loop_started
             last_log = _training_log(window, step, config.steps, schedule.get_last_lr()[0], samples / elapsed, elapsed)
             logger.info(_format_log(last_log, cache))
             if on_log is not None:
                 on_log(last_log)
         # the budget counts from the call (set-up included): it guards a wall-clock limit such as the device's
-        out_of_time = (
-            config.time_budget_s is not None and time.monotonic() - fit_started + slowest_step_s > config.time_budget_s
+        out_of_time = _any_process(
+            config.time_budget_s is not None and time.monotonic() - fit_started + slowest_step_s > config.time_budget_s,
+            device,
         )
-        if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
+        if validation is not None and (
+            (config.validate_every and step % config.validate_every == 0) or step == config.steps or out_of_time
+        ):
+            validation.run(step)
+        if is_main and (step % config.checkpoint_every == 0 or step == config.steps or out_of_time):
             _save(model, optimiser, schedule, rng, source.generator, step, config, last_log)
         if out_of_time:
             logger.info(
@@ -357,7 +428,59 @@ def fit(
             break
 
     samples_per_s = samples / max(time.monotonic() - loop_started, 1e-9)
-    return FitResult(step, step >= config.steps, config.out, config.state_path, last_log, samples_per_s)
+    result = FitResult(step, step >= config.steps, config.out, config.state_path, last_log, samples_per_s)
+    if validation is not None:
+        result.baseline, result.best, result.best_step = validation.baseline, validation.best, validation.best_step
+    return result
+
+
+class _Validation:
+    """Runs `validate` on rank 0, keeps the baseline (the starting weights, step 0 of a fresh run) and the best
+    result since, and writes the best weights to `config.best_path` whenever the score improves on both."""
+
+    def __init__(self, config: FitConfig, crops, model: Mais, cache: _EmbeddingCache | None, on_validation) -> None:
+        self.config, self.crops, self.model, self.on_validation = config, list(crops), model, on_validation
+        # the cache's "validation:<i>" keys never meet the training keys ("real:...", "synthetic:...")
+        self.embed = (lambda key, volume: cache.embed(model, [key], volume)) if cache is not None else None
+        self.baseline: ValidationResult | None = None
+        self.best: ValidationResult | None = None
+        self.best_step = 0
+
+    def run(self, step: int) -> ValidationResult:
+        result = validate(self.model, self.crops, self.config.clicks, step, self.embed, seed=self.config.seed)
+        dice = " ".join(f"dice@{k} {v:.3f}" for k, v in result.dice_at(LOGGED_CLICKS).items())
+        if step == 0:
+            self.baseline = result
+            logger.info("validation before training (%d crops): %s score %.4f", len(self.crops), dice, result.score)
+        else:
+            reference = max((r.score for r in (self.baseline, self.best) if r is not None), default=-1.0)
+            improved = result.score > reference
+            if improved:
+                self.best, self.best_step = result, step
+                save_mais(
+                    self.model,
+                    self.config.best_path,
+                    metadata={
+                        "trained_steps": step,
+                        "validation": {"dice_per_click": result.dice_per_click, "score": result.score},
+                    },
+                )
+            logger.info(
+                "validation at step %d: %s score %.4f%s", step, dice, result.score, " (best so far)" if improved else ""
+            )
+        if self.on_validation is not None:
+            self.on_validation(result)
+        return result
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is true in any training process: they must stop at the same step, or the others would wait
+    forever for this one's gradients."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _optimise(loss: Tensor, optimiser: torch.optim.Optimizer, schedule, max_grad_norm: float) -> None:
@@ -446,7 +569,8 @@ def _load_state(path: Path, model, optimiser, schedule, rng, generator) -> int:
 # -------------------------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Sequence[str] | None = None) -> FitConfig:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[FitConfig, int]:
+    """(the run's FitConfig, the number of GPUs to train on)."""
     defaults = FitConfig()
     parser = argparse.ArgumentParser(prog="python -m lib.training.fit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=defaults.out, help="weights file to write (save_mais)")
@@ -510,14 +634,23 @@ def parse_args(argv: Sequence[str] | None = None) -> FitConfig:
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
-    args = parser.parse_args(argv)
-    return FitConfig(**vars(args))
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="train on this many GPUs with DDP (--batch-size is per GPU)"
+    )
+    args = vars(parser.parse_args(argv))
+    gpus = args.pop("gpus")
+    return FitConfig(**args), gpus
 
 
 def main(argv: Sequence[str] | None = None) -> FitResult:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = parse_args(argv)
-    result = fit(config)
+    config, gpus = parse_args(argv)
+    if gpus > 1:
+        from lib.training.distributed import fit_distributed  # imports this module: imported here, not at the top
+
+        result = fit_distributed(config, gpus)
+    else:
+        result = fit(config)
     status = "finished" if result.finished else "stopped by the time budget"
     dice = result.last_log.dice_at_click if result.last_log else {}
     print(
