@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lib.model.build import EncoderConfig, MaisConfig, build_mais, load_mais, save_mais
+from lib.training.distributed import fit_distributed
 from lib.training.fit import (
     FitConfig,
     fit,
@@ -20,7 +21,6 @@ from lib.training.fit import (
     save_training_pair,
     set_encoder_frozen,
 )
-from lib.training.distributed import fit_distributed
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
 from lib.training.synthetic import SyntheticConfig, synthetic_batch
