@@ -50,7 +50,8 @@ class MonaiLabelServer:
 
     def __init__(self, studies: Path | str, log_path: Path, conf: dict[str, str] | None = None):
         self.studies = studies
-        self.conf = conf
+        # training runs and the weights they publish stay in the test's folder, never in the app's
+        self.conf = {"train_dir": str(log_path.parent / "train"), **(conf or {})}
         self.log_path = log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

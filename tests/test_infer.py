@@ -3,52 +3,17 @@
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
-from monai.transforms import LoadImage
-from monailabel.client import MONAILabelClient
-from scipy import ndimage
 
-from lib.configs.labels import SAMPLE_LABELS
+from clicking import dice, interior_voxel, load, slicer_click
 from server import SAMPLE_DATA, MonaiLabelServer
 
 LESION = 1
-# The client saves a result under the server's temporary file name: a folder of its own keeps the server's
-# clean-up of that name (same machine, same /tmp) from deleting the client's copy.
-RESULTS_DIR = tempfile.mkdtemp(prefix="mais-test-results-")
-
-
-def load(path) -> tuple[np.ndarray, np.ndarray]:
-    """(array in MONAI's [i, j, k] order, RAS affine) of an image or result file."""
-    image = LoadImage(image_only=True)(str(path))
-    return np.asarray(image), np.asarray(image.affine)
-
-
-def interior_voxel(label_file, value: int) -> list[int]:
-    """The voxel deepest inside a structure (where an annotator clicks first)."""
-    label, _ = load(label_file)
-    depth = ndimage.distance_transform_edt(label == value)
-    return [int(v) for v in np.unravel_index(np.argmax(depth), depth.shape)]
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
-
-
-def slicer_click(url: str, user: str, image: str, label: str, positives, negatives=(), **extra):
-    """Slicer's DeepEdit request from `user` (its client_id): every label's full list, `label`, NRRD uint8."""
-    client = MONAILabelClient(url, tmpdir=RESULTS_DIR, client_id=user)
-    params = {name: [] for name in SAMPLE_LABELS}
-    params.update({label: [list(p) for p in positives], "background": [list(n) for n in negatives]})
-    params.update({"label": label, "result_extension": ".nrrd", "result_dtype": "uint8"}, **extra)
-    result_file, result = client.infer("mais", image, params)
-    mask, affine = load(result_file)
-    return mask, affine, result
 
 
 def upload(client, path, image_id: str) -> None:

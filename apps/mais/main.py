@@ -11,12 +11,14 @@ import sys
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.configs.app_settings import AppConfigError, AppSettings
 from lib.infers.mais import MaisInfer, ModelLoader
 from lib.model.build import WeightsError
+from lib.trainers.mais import MaisTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ class MaisApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         return {"mais": MaisInfer(self.settings, self.label_map, self.model_loader)}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {"mais": MaisTrainer(self.settings, self.label_map, self.model_loader)}
 
     def on_save_label(self, image_id: str, label_id: str):
         super().on_save_label(image_id, label_id)

@@ -17,6 +17,8 @@ from lib.configs.labels import SAMPLE_LABELS
 
 APP_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_WEIGHTS = APP_DIR / "model" / "mais_light.pt"
+DEFAULT_TRAIN_DIR = APP_DIR / "model" / "trained"
+TRAINED_WEIGHTS_NAME = "mais_trained.pt"
 
 MemoryMode = Literal["none", "sparse", "dense", "both"]
 
@@ -33,6 +35,11 @@ class AppSettings(BaseModel):
     weights: Path = Field(
         DEFAULT_WEIGHTS, description="MAIS weights file (.pt); its network configuration is read from it"
     )
+    train_dir: Path = Field(
+        DEFAULT_TRAIN_DIR,
+        description=f"training runs and their published weights ({TRAINED_WEIGHTS_NAME}, served instead of "
+        "`weights` once it exists; delete it to go back)",
+    )
     memory_mode: MemoryMode | None = Field(None, description="override the memory mode the weights were trained with")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is visible")
     labels: Path | None = Field(None, description="JSON file {label name: index}; default: the sample data's labels")
@@ -42,7 +49,7 @@ class AppSettings(BaseModel):
     # Read by MONAILabelApp itself; accepted so it is not refused as unknown.
     server_mode: bool = False
 
-    @field_validator("weights", "labels")
+    @field_validator("weights", "labels", "train_dir")
     @classmethod
     def _resolve_path(cls, path: Path | None) -> Path | None:
         return None if path is None else path.expanduser().resolve()
@@ -61,6 +68,15 @@ class AppSettings(BaseModel):
                 else:
                     problems.append(f"--conf {key} {item.get('input')!r}: {item['msg']}")
             raise AppConfigError("; ".join(problems)) from None
+
+    @property
+    def trained_weights(self) -> Path:
+        """Where the trainer publishes the weights it fine-tuned."""
+        return self.train_dir / TRAINED_WEIGHTS_NAME
+
+    def served_weights(self) -> Path:
+        """The weights the infer task serves: the fine-tuned ones once a training run has published them."""
+        return self.trained_weights if self.trained_weights.is_file() else self.weights
 
     def label_map(self) -> dict[str, int]:
         """{label name: index} the infer task and the viewers use; `background` is always 0."""

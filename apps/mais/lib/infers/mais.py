@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,25 +40,31 @@ SUPPORTED_RESULT_EXTENSIONS = (".nrrd", ".nii.gz", ".nii")
 
 
 class ModelLoader:
-    """Loads the weights file and reloads it when a training run publishes new weights (mtime changes)."""
+    """Loads the served weights file (`AppSettings.served_weights`) and reloads it when a training run publishes
+    new weights: the check is one stat() per click, so the next click after a run uses the new weights."""
 
     def __init__(self, settings: AppSettings):
         self.settings = settings
         self.device = torch.device("cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu")
         self._model: torch.nn.Module | None = None
-        self._mtime_ns: int | None = None
+        self._version: tuple[Path, int] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.settings.served_weights()
 
     def get(self) -> tuple[torch.nn.Module, bool]:
         """(model, True if it was (re)loaded by this call)."""
+        path = self.path
         try:
-            mtime_ns = os.stat(self.settings.weights).st_mtime_ns
+            version = (path, os.stat(path).st_mtime_ns)
         except FileNotFoundError:
-            raise WeightsError(f"{self.settings.weights}: no such weights file (--conf weights)") from None
-        if self._model is not None and mtime_ns == self._mtime_ns:
+            raise WeightsError(f"{path}: no such weights file (--conf weights)") from None
+        if self._model is not None and version == self._version:
             return self._model, False
-        self._model = load_mais(self.settings.weights, device=self.device, memory_mode=self.settings.memory_mode)
-        self._mtime_ns = mtime_ns
-        logger.info("loaded MAIS weights %s on %s", self.settings.weights, self.device)
+        self._model = load_mais(path, device=self.device, memory_mode=self.settings.memory_mode)
+        self._version = version
+        logger.info("loaded MAIS weights %s on %s", path, self.device)
         return self._model, True
 
 
@@ -87,7 +94,7 @@ class MaisInfer(InferTask):
         self._prepared_image = functools.lru_cache(maxsize=PREPARED_IMAGE_CACHE_SIZE)(self._prepare_image)
 
     def is_valid(self) -> bool:
-        return self.settings.weights.exists()
+        return self.model_loader.path.exists()
 
     def forget_image(self, image_path: str) -> None:
         """Start afresh on an image whose label was just saved: the saved label is the new reference."""
@@ -141,6 +148,7 @@ class MaisInfer(InferTask):
             "windows": window_count,
             "voxels": int(np.count_nonzero(mask)),
             "latency_s": round(time.perf_counter() - started, 4),
+            "weights": self.model_loader.path.name,
         }
         logger.info("mais %s: %s", key, result)
         return label_path, result

@@ -8,8 +8,10 @@ click, which lies inside the structure.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +24,8 @@ logger = logging.getLogger(__name__)
 # Structures smaller than this in model space (1.5 mm voxels; 30 voxels ~ 0.1 ml) are mostly partial-volume
 # noise of a resampled label: skipped.
 MIN_STRUCTURE_VOXELS = 30
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,6 +69,19 @@ def structure_crops(
             )
     logger.info("%s: %d crops", image_name, len(crops))
     return crops
+
+
+def split_by_image(items: Sequence[T], val_fraction: float, rng: np.random.Generator) -> tuple[list[T], list[T]]:
+    """(training, validation) items, whole images on either side, so validation never sees a training image.
+
+    round(len * val_fraction) images validate, at least one when the fraction is > 0 and there are two or more;
+    with one image, or a fraction of 0, everything trains and the validation list is empty.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    order = [items[i] for i in rng.permutation(len(items))]
+    count = 0 if val_fraction == 0 or len(items) < 2 else min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+    return order[count:], order[:count]
 
 
 def labelled_images(studies: Path) -> list[tuple[Path, Path]]:

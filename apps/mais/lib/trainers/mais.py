@@ -1,0 +1,288 @@
+"""The `mais` trainer: fine-tunes the served weights on the datastore's final labels (Slicer's "Train", OHIF's
+"Update Model", `POST /train/mais`).
+
+A thin MONAI Label adapter around `lib.training`:
+1. the request is validated (`TrainRequest`; a bad option is HTTP 422 naming it);
+2. the datastore's final labels are split by image into training and validation, and every label of a
+   multi-label map becomes its own binary target (`structure_crops`);
+3. `fit` (one process, or `fit_distributed` with DDP over the visible GPUs) starts from the served weights and
+   validates before training and after every epoch: Dice after clicks 1, 5 and 10 of the evaluation's
+   deterministic click rule;
+4. the best weights are published atomically to `<train_dir>/mais_trained.pt` only if they beat the served ones
+   on validation; the infer task reloads them on the next click, without a restart.
+
+MONAI Label runs this in a subprocess (`/train` status shows its last log lines; `DELETE /train` kills it). A run
+killed at any point leaves the served weights untouched: they are replaced by one os.replace, or not at all.
+Progress and results go to `<train_dir>/train_stats.json`, which `/info` shows under `train_stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.train import TrainTask
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lib.configs.app_settings import AppSettings, MemoryMode
+from lib.infers.mais import ModelLoader
+from lib.training.distributed import available_gpus, fit_distributed
+from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
+from lib.training.real_data import StructureCrop, split_by_image, structure_crops
+from lib.training.validation import ValidationResult
+
+logger = logging.getLogger(__name__)
+
+STATS_FILE = "train_stats.json"
+
+
+class TrainRequest(BaseModel):
+    """Options of one training run. Slicer and OHIF send back the trainer's `/info` config with the user's edits;
+    MONAI Label adds keys of its own (model, device, ...), which are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    epochs: int = Field(10, ge=1, le=10_000, description="passes over the training crops")
+    learning_rate: float = Field(1e-4, gt=0, le=1e-2)
+    clicks: int = Field(10, ge=1, le=50, description="simulated clicks K per training sample")
+    memory_mode: MemoryMode | None = Field(None, description="memory of the trained weights; default: the served")
+    freeze_encoder: bool = Field(True, description="train prompt encoder, decoder and memory only (cached embeddings)")
+    val_split: float = Field(0.2, ge=0, lt=1, description="share of labelled images held out for validation")
+    batch_size: int = Field(2, ge=1, le=64, description="samples per optimiser step (per GPU)")
+    crops_per_structure: int = Field(2, ge=1, le=64, description="128^3 crops drawn around each labelled structure")
+    max_minutes: float | None = Field(None, gt=0, description="stop (keeping the best weights so far) after this")
+    seed: int = 0
+    multi_gpu: bool = Field(True, description="DDP over every visible GPU (MONAI Label's gpus option picks them)")
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any]) -> TrainRequest:
+        """Parse MONAI Label's request; raises HTTPException(422) naming every bad option."""
+        try:
+            # Slicer sends list-valued options as the chosen element, a REST client may send the list itself
+            return cls.model_validate({k: v[0] if isinstance(v, list) and v else v for k, v in request.items()})
+        except ValidationError as error:
+            problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in error.errors()]
+            raise HTTPException(status_code=422, detail="; ".join(problems)) from None
+
+
+class MaisTrainer(TrainTask):
+    def __init__(self, settings: AppSettings, label_map: dict[str, int], model_loader: ModelLoader):
+        super().__init__("MAIS: fine-tune prompt encoder, mask decoder and memory on the final labels")
+        self.settings = settings
+        self.label_map = label_map
+        self.model_loader = model_loader
+
+    def config(self) -> dict[str, Any]:
+        """The options Slicer and OHIF show, with their defaults (a list is a choice, its first item the default)."""
+        defaults = TrainRequest()
+        served_mode = self.model_loader.get()[0].config.memory_mode
+        modes = [served_mode, *(m for m in ("both", "sparse", "dense", "none") if m != served_mode)]
+        return {
+            "epochs": defaults.epochs,
+            "learning_rate": defaults.learning_rate,
+            "clicks": defaults.clicks,
+            "memory_mode": modes,
+            "freeze_encoder": defaults.freeze_encoder,
+            "val_split": defaults.val_split,
+            "batch_size": defaults.batch_size,
+            "crops_per_structure": defaults.crops_per_structure,
+            "multi_gpu": defaults.multi_gpu,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        path = self.settings.train_dir / STATS_FILE
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        options = TrainRequest.from_request(request)
+        datalist = datastore.datalist()
+        if not datalist:
+            raise HTTPException(status_code=422, detail="no final labels in the datastore: save a label first")
+        rng = np.random.default_rng(options.seed)
+        train_items, val_items = split_by_image(datalist, options.val_split, rng)
+        crops = self._crops(train_items, options.crops_per_structure, rng)
+        if not crops:
+            raise HTTPException(
+                status_code=422,
+                detail=f"the final labels hold none of the app's labels {sorted(self.label_map)[1:]}",
+            )
+        # a single labelled image (or val_split 0) leaves nothing to hold out: validate on the training crops
+        val_crops = self._crops(val_items, 1, rng) or self._crops(train_items, 1, rng)
+
+        run_dir = self.settings.train_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        world_size = available_gpus() if options.multi_gpu and available_gpus() > 1 else 1
+        steps_per_epoch = math.ceil(len(crops) / (options.batch_size * world_size))
+        init = self.model_loader.path
+        config = FitConfig(
+            out=run_dir / "last.pt",
+            init=init,
+            memory_mode=options.memory_mode or self.model_loader.get()[0].config.memory_mode,
+            memory_size=self.model_loader.get()[0].config.memory_size,
+            steps=options.epochs * steps_per_epoch,
+            batch_size=options.batch_size,
+            lr=options.learning_rate,
+            warmup_steps=steps_per_epoch,
+            clicks=options.clicks,
+            freeze_encoder=options.freeze_encoder,
+            synthetic_fraction=0.0,
+            seed=options.seed,
+            time_budget_s=options.max_minutes * 60 if options.max_minutes else None,
+            device="auto" if self.settings.device != "cpu" else "cpu",
+            log_every=steps_per_epoch,
+            checkpoint_every=steps_per_epoch,
+            validate_every=steps_per_epoch,
+        )
+        progress = TrainingProgress(
+            stats_path=self.settings.train_dir / STATS_FILE,
+            steps_per_epoch=steps_per_epoch,
+            stats={
+                "status": "running",
+                "run_dir": str(run_dir),
+                "start_ts": int(time.time()),
+                "init_weights": str(init),
+                "train_images": sorted(_image_id(item) for item in train_items),
+                "val_images": sorted(_image_id(item) for item in val_items),
+                "train_crops": len(crops),
+                "val_crops": len(val_crops),
+                "epochs": options.epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "gpus": world_size,
+                "options": options.model_dump(),
+                "history": [],
+            },
+        )
+        logger.info(
+            "MAIS training: %d training image(s) %s, %d validation image(s) %s, %d + %d crops, %d epoch(s) x %d "
+            "step(s) on %d process(es)",
+            len(train_items),
+            progress.stats["train_images"],
+            len(val_items),
+            progress.stats["val_images"],
+            len(crops),
+            len(val_crops),
+            options.epochs,
+            steps_per_epoch,
+            world_size,
+        )
+        progress.write()
+        try:
+            if world_size > 1:
+                result = fit_distributed(config, world_size, crops, val_crops, progress.on_log, progress.on_validation)
+            else:
+                result = fit(config, crops, val_crops, progress.on_log, progress.on_validation)
+        except Exception as error:
+            progress.fail(error)
+            raise
+        return progress.finish(result, self._publish(result, config))
+
+    def _crops(self, items: list[dict], crops_per_structure: int, rng: np.random.Generator) -> list[StructureCrop]:
+        crops = []
+        for item in items:
+            crops += structure_crops(item["image"], item["label"], self.label_map, rng, crops_per_structure)
+        return crops
+
+    def _publish(self, result: FitResult, config: FitConfig) -> Path | None:
+        """Copy the best weights over the served file atomically, if any beat the served weights on validation."""
+        if result.best_step == 0:
+            logger.info("MAIS training: no epoch beat the served weights on validation; nothing published")
+            return None
+        target = self.settings.trained_weights
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(config.best_path, tmp)
+            os.replace(tmp, target)  # the infer task sees the old file or the new one, never a partial one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        logger.info("MAIS training: published the weights of step %d to %s", result.best_step, target)
+        return target
+
+
+class TrainingProgress:
+    """Per-epoch log lines (which `/train` status shows) and `train_stats.json` (which `/info` shows).
+
+    Picklable (plain fields, bound methods as callbacks), so DDP's rank-0 process can report too."""
+
+    def __init__(self, stats_path: Path, steps_per_epoch: int, stats: dict[str, Any]):
+        self.stats_path = stats_path
+        self.steps_per_epoch = steps_per_epoch
+        self.stats = stats
+
+    def on_log(self, log: TrainingLog) -> None:
+        epoch = self._epoch(log.step)
+        train_dice = " ".join(f"dice@{k} {v:.3f}" for k, v in log.dice_at_click.items())
+        logger.info(
+            "epoch %d/%d: loss %.4f, training %s, %.2f samples/s",
+            epoch,
+            self.stats["epochs"],
+            log.loss,
+            train_dice,
+            log.samples_per_s,
+        )
+        self._record(epoch, loss=round(log.loss, 5), samples_per_s=round(log.samples_per_s, 3))
+
+    def on_validation(self, result: ValidationResult) -> None:
+        epoch = self._epoch(result.step)
+        dice = {f"dice@{k}": round(v, 4) for k, v in result.dice_at(LOGGED_CLICKS).items()}
+        logger.info(
+            "epoch %d/%d: validation %s (score %.4f)",
+            epoch,
+            self.stats["epochs"],
+            " ".join(f"{k} {v:.3f}" for k, v in dice.items()),
+            result.score,
+        )
+        self._record(epoch, validation={**dice, "score": round(result.score, 5)})
+
+    def finish(self, result: FitResult, published: Path | None) -> dict[str, Any]:
+        self.stats.update(
+            status="done" if result.finished else "stopped by max_minutes",
+            end_ts=int(time.time()),
+            steps_done=result.steps_done,
+            best_epoch=self._epoch(result.best_step) if result.best_step else None,
+            published=str(published) if published else None,
+            samples_per_s=round(result.samples_per_s, 3),
+        )
+        self.write()
+        return self.stats
+
+    def fail(self, error: Exception) -> None:
+        self.stats.update(status=f"failed: {error}", end_ts=int(time.time()))
+        self.write()
+
+    def write(self) -> None:
+        """Atomically, so `/info` never reads a half-written file."""
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".train_stats.", suffix=".tmp", dir=self.stats_path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.stats, f, indent=1)
+        os.replace(tmp, self.stats_path)
+
+    def _epoch(self, step: int) -> int:
+        return math.ceil(step / self.steps_per_epoch)
+
+    def _record(self, epoch: int, **values) -> None:
+        history = self.stats["history"]
+        if not history or history[-1]["epoch"] != epoch:
+            history.append({"epoch": epoch})
+        history[-1].update(values)
+        self.write()
+
+
+def _image_id(item: dict) -> str:
+    """The datastore id of a datalist item: its image file name without the extension(s)."""
+    return Path(item["image"]).name.split(".")[0]

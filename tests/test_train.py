@@ -1,0 +1,129 @@
+"""The `mais` trainer over a real server: an annotator saves labels of a structure the shipped model does not know,
+presses Train, and the next clicks, on the same running server, segment it better.
+
+The structure is Colin27's amygdala: the shipped weights were trained without it (Dice about 0.05 after 5 clicks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+
+from clicking import RESULTS_DIR, dice_per_click, interior_voxel_of, slicer_click
+from lib.configs.labels import SAMPLE_LABELS
+from server import SAMPLE_DATA, MonaiLabelServer
+
+IMAGE = "colin27_t1"
+AMYGDALAE = ("amygdala_left", "amygdala_right")
+# Two amygdalae x 2 crops = 4 crops, 2 steps an epoch: about 10 s an epoch on a 2-core CPU.
+TRAINING = {"epochs": 6, "val_split": 0, "crops_per_structure": 2, "learning_rate": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def amygdala_label(tmp_path_factory) -> tuple[str, dict[str, np.ndarray]]:
+    """A final label an annotator could have drawn: only the two amygdalae of Colin27 (file, {name: truth})."""
+    atlas = nib.load(SAMPLE_DATA / "labels" / "final" / f"{IMAGE}.nii.gz")
+    values = np.asarray(atlas.dataobj)
+    label = np.zeros(values.shape, np.uint8)
+    for name in AMYGDALAE:
+        label[values == SAMPLE_LABELS[name]] = SAMPLE_LABELS[name]
+    path = tmp_path_factory.mktemp("label") / f"{IMAGE}.nii.gz"
+    nib.save(nib.Nifti1Image(label, atlas.affine), path)
+    return str(path), {name: label == SAMPLE_LABELS[name] for name in AMYGDALAE}
+
+
+@pytest.fixture(scope="module")
+def training_server(tmp_path_factory):
+    """A server of its own (training replaces the weights it serves) on Colin27 alone, not labelled yet."""
+    root = tmp_path_factory.mktemp("train-server")
+    studies = root / "studies"
+    studies.mkdir()
+    shutil.copy(SAMPLE_DATA / f"{IMAGE}.nii.gz", studies)
+    with MonaiLabelServer(studies, root / "server.log") as server:
+        yield server
+        print(server.log()[-5000:])
+
+
+def wait_for_training(url: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/train/", timeout=30).json()
+        if status["status"] not in ("SUBMITTED", "RUNNING"):
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"training still running after {timeout_s} s: {status}")
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_training_on_a_saved_label_improves_the_next_clicks(training_server, amygdala_label):
+    url = training_server.url
+    label_file, truths = amygdala_label
+    before = dice_per_click(url, "annotator", IMAGE, "amygdala_left", truths["amygdala_left"], clicks=5)
+
+    client = MONAILabelClient(url, tmpdir=RESULTS_DIR, client_id="annotator")
+    client.save_label(IMAGE, label_file, tag="final")  # PUT /datastore/label, as Slicer's "Submit Label"
+    assert client.train_start("mais", TRAINING)  # POST /train/mais, as Slicer's "Train": runs in a subprocess
+    status = wait_for_training(url, timeout_s=600)
+    assert status["status"] == "DONE", status
+    details = "\n".join(status["details"])
+    assert "epoch 6/6: validation dice@1" in details and "dice@5" in details and "dice@10" in details
+
+    stats = client.info()["train_stats"]["mais"]
+    assert stats["status"] == "done" and stats["train_images"] == [IMAGE]  # the label saved above was used
+    assert [entry["epoch"] for entry in stats["history"]] == list(range(7))  # 0 = the served weights, before
+    assert all("loss" in entry for entry in stats["history"][1:])
+    assert stats["published"] and stats["published"].endswith("mais_trained.pt")
+
+    # the same running server now answers with the published weights, and the amygdala is found
+    centre = interior_voxel_of(truths["amygdala_left"])
+    _, _, result = slicer_click(url, "annotator", IMAGE, "amygdala_left", [centre], reset_state=True)
+    assert result["weights"] == "mais_trained.pt"
+    after = dice_per_click(url, "annotator", IMAGE, "amygdala_left", truths["amygdala_left"], clicks=5)
+    print(f"amygdala_left Dice after clicks 1-5: before training {before}, after {after}")
+    assert after[4] > before[4] + 0.2, (before, after)
+    validation = stats["history"][stats["best_epoch"]]["validation"]
+    assert validation["dice@5"] > stats["history"][0]["validation"]["dice@5"] + 0.2
+
+
+def test_a_training_run_killed_mid_epoch_leaves_the_served_weights_intact(training_server, amygdala_label):
+    url = training_server.url
+    served = training_server.conf["train_dir"] + "/mais_trained.pt"
+    digest = sha256(served)  # published by the test above
+    requests.post(f"{url}/train/mais", json={**TRAINING, "epochs": 500}, timeout=30).raise_for_status()
+    deadline = time.monotonic() + 300
+    while "epoch 1/500: validation" not in "\n".join(requests.get(f"{url}/train/", timeout=30).json()["details"]):
+        assert time.monotonic() < deadline, "the long run never finished its first epoch"
+        time.sleep(1)
+    time.sleep(3)  # into epoch 2
+    stopped = requests.delete(f"{url}/train/", timeout=30).json()  # Slicer's "Stop": kills the process
+    assert stopped["status"] == "STOPPED"
+    assert sha256(served) == digest
+    centre = interior_voxel_of(amygdala_label[1]["amygdala_left"])
+    mask, _, result = slicer_click(url, "after-kill", IMAGE, "amygdala_left", [centre])
+    assert result["weights"] == "mais_trained.pt" and mask.any()
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [({"epochs": 0}, "epochs"), ({"learning_rate": "fast"}, "learning_rate"), ({"memory_mode": "all"}, "memory_mode")],
+)
+def test_bad_training_options_get_422_naming_the_option(training_server, options, field):
+    response = requests.post(f"{training_server.url}/train/mais", params={"run_sync": "true"}, json=options, timeout=60)
+    assert response.status_code == 422 and field in response.json()["detail"]
+
+
+def test_trainer_options_are_listed_in_info(training_server):
+    info = requests.get(f"{training_server.url}/info/", timeout=30).json()
+    options = info["trainers"]["mais"]["config"]
+    assert {"epochs", "learning_rate", "clicks", "memory_mode", "freeze_encoder", "val_split"} <= set(options)
+    assert options["memory_mode"][0] == "both" and options["freeze_encoder"] is True
