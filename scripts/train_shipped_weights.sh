@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# Train the shipped light weights (apps/mais/model/mais_light.pt) on one GPU, one stage per call.
+# Train and evaluate the shipped light weights and the memory comparison (docs/MODEL_CARD.md), one GPU per stage.
 #
-#   scripts/train_shipped_weights.sh data   WORK              # training crops from sample-data's final labels
-#   scripts/train_shipped_weights.sh stage1 WORK [BUDGET_S]   # light encoder + whole network, memory none
-#   scripts/train_shipped_weights.sh stage2 WORK [BUDGET_S]   # encoder frozen, MAIS memory (both) fine-tuning
-#   scripts/train_shipped_weights.sh export WORK [STAGE]      # STAGE (stage2) -> WORK/mais_light.pt in fp16
+#   scripts/train_shipped_weights.sh data     WORK                     # training crops from sample-data's labels
+#   scripts/train_shipped_weights.sh stage1   WORK [BUDGET_S] [GPUS]   # light encoder + whole network, memory none
+#   scripts/train_shipped_weights.sh stage2   WORK MODE N DATA [BUDGET_S]  # encoder frozen, memory MODE, size N,
+#                                                                      # DATA = pairs (all) or pairs_small (30%)
+#   scripts/train_shipped_weights.sh evaluate WORK OUT WEIGHTS...      # held-out structures, 10 clicks, 3 rules
+#   scripts/train_shipped_weights.sh export   WORK STAGE2_NAME         # -> WORK/mais_light.pt in fp16
 #
-# A stage rerun with the same WORK resumes from its checkpoint (fit's --resume), so a stage longer than one
-# device call (10 minutes) is several calls. Seeds are fixed. Held out of training, for evaluation: the
-# structures in HELD_OUT and the whole breast1 case (unlabelled in sample-data). Extra arguments after the
-# budget go to lib.training.fit (e.g. --lr 1e-3).
+# Every stage-2 run has the same budget (steps x batch) and starts from the same stage-1 network with a fresh
+# memory attention, so the modes differ only in their memory. A stage rerun with the same WORK resumes from its
+# checkpoint (fit's --resume). Seeds are fixed. Held out of all training, for evaluation: the structures in
+# HELD_OUT and the whole brain1 and breast1 cases.
 set -euo pipefail
 stage=$1
 work=$(realpath -m "$2")
-budget=${3:-540}
-source_stage=${3:-stage2}  # export only
-shift $(($# < 3 ? $# : 3))
-HELD_OUT=amygdala_left,amygdala_right
+shift 2
+HELD_OUT=amygdala_left,amygdala_right,hippocampus_left,hippocampus_right
+HELD_OUT_IMAGES=brain1
+STAGE2_STEPS=500
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/../apps/mais"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -26,31 +28,48 @@ resume_or_init() {  # continue a stage that already checkpointed, else start it 
   if [ -f "$1.state.pt" ]; then echo --resume "$1.state.pt"; else echo "${@:2}"; fi
 }
 
-common=(--no-deterministic --time-budget-s "$budget" --log-every 25 --checkpoint-every 100 --seed 0)
+common=(--no-deterministic --log-every 25 --checkpoint-every 100 --seed 0)
 case $stage in
   data)
     $PY -m lib.training.real_data --studies ../../sample-data --out "$work/pairs" --crops-per-structure 8 \
-      --exclude "$HELD_OUT"
+      --exclude "$HELD_OUT" --exclude-images "$HELD_OUT_IMAGES"
+    $PY -m lib.training.real_data --studies ../../sample-data --out "$work/pairs_small" --crops-per-structure 8 \
+      --exclude "$HELD_OUT" --exclude-images "$HELD_OUT_IMAGES" --structure-fraction 0.3
     ;;
   stage1)
+    budget=${1:-540}
+    gpus=${2:-1}
     # shellcheck disable=SC2046
     $PY -m lib.training.fit --out "$work/stage1.pt" --encoder light --train-encoder --memory-mode none \
-      --steps 3000 --batch-size 32 --clicks 5 --lr 3e-4 --warmup-steps 50 --ce-weight 1.0 \
-      --data-dir "$work/pairs" --synthetic-fraction 0.6 "${common[@]}" \
-      $(resume_or_init "$work/stage1.pt") "$@"
+      --steps 1500 --batch-size $((32 / gpus)) --gpus "$gpus" --clicks 5 --lr 3e-4 --warmup-steps 50 \
+      --ce-weight 1.0 --data-dir "$work/pairs" --synthetic-fraction 0.6 --time-budget-s "$budget" "${common[@]}" \
+      $(resume_or_init "$work/stage1.pt")
     ;;
   stage2)
+    mode=$1 size=$2 data=$3 budget=${4:-540}
+    name=stage2_${mode}_n${size}_${data}
     # shellcheck disable=SC2046
-    $PY -m lib.training.fit --out "$work/stage2.pt" --freeze-encoder --memory-mode both --memory-size 60 \
-      --steps 3000 --batch-size 32 --clicks 10 --lr 1e-4 --warmup-steps 20 --ce-weight 1.0 \
-      --data-dir "$work/pairs" --synthetic-fraction 0.5 --synthetic-pool 1000 "${common[@]}" \
-      $(resume_or_init "$work/stage2.pt" --init "$work/stage1.pt") "$@"
+    $PY -m lib.training.fit --out "$work/$name.pt" --freeze-encoder --memory-mode "$mode" --memory-size "$size" \
+      --steps $STAGE2_STEPS --batch-size 16 --clicks 10 --lr 2e-4 --warmup-steps 20 --ce-weight 1.0 \
+      --data-dir "$work/$data" --synthetic-fraction 0.5 --synthetic-pool 1000 --time-budget-s "$budget" \
+      "${common[@]}" $(resume_or_init "$work/$name.pt" --init "$work/stage1.pt" --fresh-memory)
+    ;;
+  evaluate)
+    out=$(realpath -m "$1")
+    shift
+    weights=()
+    for name in "$@"; do weights+=("$work/$name.pt=$name"); done
+    $PY -m lib.evaluation.evaluate --studies ../../sample-data --structures "$HELD_OUT,lesion" \
+      --images colin27_t1,brain1,breast1 \
+      --extra ../../sample-data/breast1.nii.gz=../../tests/data/breast1_lesion_label.nii.gz \
+      --weights "${weights[@]}" --rules center,random,noisy --clicks 10 --device "${DEVICE:-cuda}" --out "$out"
     ;;
   export)
     $PY -c "import sys, torch; from lib.model.build import load_mais, save_mais
 save_mais(load_mais(sys.argv[1]), sys.argv[2], storage_dtype=torch.float16,
-          metadata={'trained_by': 'scripts/train_shipped_weights.sh', 'held_out': '$HELD_OUT,breast1'})" \
-      "$work/$source_stage.pt" "$work/mais_light.pt"
+          metadata={'trained_by': 'scripts/train_shipped_weights.sh', 'source': sys.argv[3],
+                    'held_out': '$HELD_OUT,$HELD_OUT_IMAGES,breast1'})" \
+      "$work/$1.pt" "$work/mais_light.pt" "$1"
     ;;
-  *) echo "unknown stage $stage (data, stage1, stage2, export)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (data, stage1, stage2, evaluate, export)" >&2; exit 2 ;;
 esac

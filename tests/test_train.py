@@ -23,7 +23,7 @@ from server import SAMPLE_DATA, MonaiLabelServer
 IMAGE = "colin27_t1"
 AMYGDALAE = ("amygdala_left", "amygdala_right")
 # Two amygdalae x 2 crops = 4 crops, 2 steps an epoch: about 10 s an epoch on a 2-core CPU.
-TRAINING = {"epochs": 6, "val_split": 0, "crops_per_structure": 2, "learning_rate": 1e-4}
+TRAINING = {"epochs": 6, "val_split": 0, "crops_per_structure": 2, "learning_rate": 3e-4}
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,17 @@ def training_server(tmp_path_factory):
         print(server.log()[-5000:])
 
 
-def wait_for_training(url: str, timeout_s: float) -> dict:
+def wait_for(url: str, task: str, timeout_s: float) -> dict | None:
+    """The status of the last background `task` ("train", "scoring") once it has ended; None if there was none."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = requests.get(f"{url}/train/", timeout=30).json()
-        if status["status"] not in ("SUBMITTED", "RUNNING"):
-            return status
+        response = requests.get(f"{url}/{task}/", timeout=30)
+        if response.status_code == 404:
+            return None
+        if response.json()["status"] not in ("SUBMITTED", "RUNNING"):
+            return response.json()
         time.sleep(2)
-    raise TimeoutError(f"training still running after {timeout_s} s: {status}")
+    raise TimeoutError(f"{task} still running after {timeout_s} s: {response.text}")
 
 
 def sha256(path) -> str:
@@ -73,7 +76,7 @@ def test_training_on_a_saved_label_improves_the_next_clicks(training_server, amy
     client = MONAILabelClient(url, tmpdir=RESULTS_DIR, client_id="annotator")
     client.save_label(IMAGE, label_file, tag="final")  # PUT /datastore/label, as Slicer's "Submit Label"
     assert client.train_start("mais", TRAINING)  # POST /train/mais, as Slicer's "Train": runs in a subprocess
-    status = wait_for_training(url, timeout_s=600)
+    status = wait_for(url, "train", timeout_s=600)
     assert status["status"] == "DONE", status
     details = "\n".join(status["details"])
     assert "epoch 6/6: validation dice@1" in details and "dice@5" in details and "dice@10" in details
@@ -101,7 +104,9 @@ def test_a_training_run_killed_mid_epoch_leaves_the_served_weights_intact(traini
     digest = sha256(served)  # published by the test above
     requests.post(f"{url}/train/mais", json={**TRAINING, "epochs": 500}, timeout=30).raise_for_status()
     deadline = time.monotonic() + 300
-    while "epoch 1/500: validation" not in "\n".join(requests.get(f"{url}/train/", timeout=30).json()["details"]):
+    while "epoch 1/500: validation" not in "\n".join(
+        requests.get(f"{url}/train/", timeout=30).json().get("details", [])
+    ):
         assert time.monotonic() < deadline, "the long run never finished its first epoch"
         time.sleep(1)
     time.sleep(3)  # into epoch 2
@@ -127,3 +132,19 @@ def test_trainer_options_are_listed_in_info(training_server):
     options = info["trainers"]["mais"]["config"]
     assert {"epochs", "learning_rate", "clicks", "memory_mode", "freeze_encoder", "val_split"} <= set(options)
     assert options["memory_mode"][0] == "both" and options["freeze_encoder"] is True
+
+
+def test_active_learning_hands_out_the_image_the_model_is_least_sure_of(server, client):
+    """On the shared sample-data server: breast1 and the Colin27 brain are the unlabelled images."""
+    wait_for(server.url, "scoring", timeout_s=300)  # the scoring MONAI Label starts in the background at start-up
+    response = requests.post(f"{server.url}/scoring/mais_disagreement", params={"run_sync": "true"}, timeout=300)
+    scores = response.json()["scores"]
+    assert {"breast1", "colin27_t1_brain"} <= set(scores)
+    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    chosen = client.next_sample("mais_uncertain", {})
+    assert chosen["id"] == max(scores, key=scores.get)
+    assert chosen["mais_disagreement"] == scores[chosen["id"]]
+    # the score is recorded in the datastore with the weights that made it
+    info = client.datastore()["objects"][chosen["id"]]["image"]["info"]
+    assert info["mais_disagreement"] == scores[chosen["id"]] and info["mais_disagreement_weights"].startswith("mais_")
+    assert client.info()["strategies"]["mais_uncertain"]["description"]

@@ -4,17 +4,20 @@ Start it with `monailabel start_server --app apps/mais --studies sample-data` (s
 This file only wires tasks together; the model, sessions and clicks live in `lib/`.
 """
 
+import functools
 import logging
 import os
 import sys
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
+from lib.activelearning.tasks import DisagreementScoring, MostUncertain
 from lib.configs.app_settings import AppConfigError, AppSettings
 from lib.infers.mais import MaisInfer, ModelLoader
 from lib.model.build import WeightsError
@@ -62,7 +65,16 @@ class MaisApp(MONAILabelApp):
         self._infers["mais"].forget_image(self.datastore().get_image_uri(image_id))
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        # listed first: the viewers preselect the first strategy
+        return {"mais_uncertain": MostUncertain(self._disagreement), "random": Random(), "first": First()}
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return {"mais_disagreement": self._disagreement}
+
+    @functools.cached_property
+    def _disagreement(self) -> DisagreementScoring:
+        """One scoring object for the strategy and the scoring method (MONAILabelApp creates the strategies first)."""
+        return DisagreementScoring(self.model_loader)
 
 
 def _refuse_to_start(message: str) -> None:

@@ -53,6 +53,12 @@ class ModelLoader:
     def path(self) -> Path:
         return self.settings.served_weights()
 
+    @property
+    def version(self) -> str:
+        """Names the served weights file and its modification time: changes whenever training publishes."""
+        path = self.path
+        return f"{path.name}@{os.stat(path).st_mtime_ns}"
+
     def get(self) -> tuple[torch.nn.Module, bool]:
         """(model, True if it was (re)loaded by this call)."""
         path = self.path

@@ -38,7 +38,7 @@ from lib.configs.app_settings import AppSettings, MemoryMode
 from lib.infers.mais import ModelLoader
 from lib.training.distributed import available_gpus, fit_distributed
 from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
-from lib.training.real_data import StructureCrop, split_by_image, structure_crops
+from lib.training.real_data import MAX_CROP_SHIFT, StructureCrop, split_by_image, structure_crops
 from lib.training.validation import ValidationResult
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,9 @@ class MaisTrainer(TrainTask):
                 status_code=422,
                 detail=f"the final labels hold none of the app's labels {sorted(self.label_map)[1:]}",
             )
-        # a single labelled image (or val_split 0) leaves nothing to hold out: validate on the training crops
-        val_crops = self._crops(val_items, 1, rng) or self._crops(train_items, 1, rng)
+        # a single labelled image (or val_split 0) leaves nothing to hold out: validate on the training images.
+        # Validation crops are centred on their structure, as the window of a user's first click is.
+        val_crops = self._crops(val_items, 1, rng, max_shift=0) or self._crops(train_items, 1, rng, max_shift=0)
 
         run_dir = self.settings.train_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
         world_size = available_gpus() if options.multi_gpu and available_gpus() > 1 else 1
@@ -188,10 +189,14 @@ class MaisTrainer(TrainTask):
             raise
         return progress.finish(result, self._publish(result, config))
 
-    def _crops(self, items: list[dict], crops_per_structure: int, rng: np.random.Generator) -> list[StructureCrop]:
+    def _crops(
+        self, items: list[dict], crops_per_structure: int, rng: np.random.Generator, max_shift: int = MAX_CROP_SHIFT
+    ) -> list[StructureCrop]:
         crops = []
         for item in items:
-            crops += structure_crops(item["image"], item["label"], self.label_map, rng, crops_per_structure)
+            crops += structure_crops(
+                item["image"], item["label"], self.label_map, rng, crops_per_structure, max_shift=max_shift
+            )
         return crops
 
     def _publish(self, result: FitResult, config: FitConfig) -> Path | None:

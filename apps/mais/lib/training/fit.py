@@ -72,6 +72,7 @@ class FitConfig:
     memory_mode: str = "both"
     memory_size: int = 60
     init: Path | None = None  # start from these MAIS weights (their network; memory mode and size from here)
+    fresh_memory: bool = False  # with init: start the memory attention afresh (equal start for memory comparisons)
     resume: Path | None = None  # a training state `<out>.state.pt` to continue
     steps: int = 1000
     batch_size: int = 2
@@ -82,6 +83,7 @@ class FitConfig:
     clicks: int = 10
     ce_weight: float = 0.0
     freeze_encoder: bool = True
+    cache_embeddings: bool = True  # with a frozen encoder: embed each image once (False: every step, to compare)
     synthetic_fraction: float = 1.0  # chance that a sample is synthetic (1.0 when there are no real crops)
     synthetic_pool: int = 0  # 0: fresh synthetic volumes every step; N > 0: a fixed pool of N (cacheable)
     data_dir: Path | None = None
@@ -291,7 +293,13 @@ def _model_from_init(config: FitConfig) -> Mais:
         dataclasses.replace(source.config, memory_mode=config.memory_mode, memory_size=config.memory_size)
     )
     source_state = source.state_dict()
-    fresh = [k for k, v in model.state_dict().items() if k not in source_state or source_state[k].shape != v.shape]
+    fresh = [
+        k
+        for k, v in model.state_dict().items()
+        if k not in source_state
+        or source_state[k].shape != v.shape
+        or (config.fresh_memory and k.startswith("memory_attention."))
+    ]
     foreign = [k for k in fresh if not k.startswith("memory_attention.")]
     if foreign:
         raise ValueError(f"--init {config.init}: weight {foreign[0]!r} does not fit this network")
@@ -356,7 +364,7 @@ def fit(
     step = 0
     if config.resume is not None:
         step = _load_state(config.resume, model, optimiser, schedule, rng, source.generator)
-    cache = _EmbeddingCache() if config.freeze_encoder else None
+    cache = _EmbeddingCache() if config.freeze_encoder and config.cache_embeddings else None
     interaction_step = _InteractionStep(
         model, cache, InteractionConfig(num_clicks=config.clicks, ce_weight=config.ce_weight)
     )
@@ -587,6 +595,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FitConfig, int]:
         type=Path,
         help="start from these MAIS weights (e.g. stage 1's): their network, this run's memory mode and size",
     )
+    parser.add_argument(
+        "--fresh-memory", action="store_true", help="with --init: memory attention starts afresh, not from the file"
+    )
     parser.add_argument("--resume", type=Path, help="continue from a training state <out>.state.pt")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="total optimiser steps of the run")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -604,6 +615,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FitConfig, int]:
         help="train prompt encoder, decoder and memory attention; cache embeddings (default)",
     )
     encoder.add_argument("--train-encoder", dest="freeze_encoder", action="store_false", help="train the whole network")
+    parser.add_argument(
+        "--cache-embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.cache_embeddings,
+        help="with a frozen encoder, embed each image once; --no-cache-embeddings re-embeds every step",
+    )
     parser.add_argument(
         "--synthetic-fraction",
         type=float,

@@ -1,8 +1,10 @@
 """Training crops from labelled images: every label of a multi-label map is its own binary target.
 
-Crops are taken exactly as inference takes them (`lib.imaging`): model space (RAS, 1.5 mm, normalised), a 128^3
-window centred on a voxel of the structure, because at inference the window is centred on the first positive
-click, which lies inside the structure.
+Crops are taken as inference takes them (`lib.imaging`): model space (RAS, 1.5 mm, normalised), a 128^3 window
+around a voxel of the structure. Training crops are shifted off that voxel by up to `max_shift` voxels per axis:
+windows centred on their structure teach a model to segment whatever lies at the centre and to ignore where the
+clicks are (measured: clicks off the centre of such a crop got the centre's structure), and at inference only
+the first click's window is centred on it, later clicks and neighbouring windows are not.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 # Structures smaller than this in model space (1.5 mm voxels; 30 voxels ~ 0.1 ml) are mostly partial-volume
 # noise of a resampled label: skipped.
 MIN_STRUCTURE_VOXELS = 30
+# Training crops: the structure voxel lands anywhere in the central 2 * 40 = 80 voxels of the 128 of each axis.
+MAX_CROP_SHIFT = 40
 
 T = TypeVar("T")
 
@@ -44,8 +48,10 @@ def structure_crops(
     rng: np.random.Generator,
     crops_per_structure: int = 1,
     exclude: frozenset[str] = frozenset(),
+    max_shift: int = MAX_CROP_SHIFT,
 ) -> list[StructureCrop]:
-    """Crops of every labelled structure of one image (labels named in `exclude` are left out)."""
+    """Crops of every labelled structure of one image (labels named in `exclude` are left out), each around a
+    random voxel of its structure shifted by up to `max_shift` voxels per axis (0: centred, as validation is)."""
     image = ModelSpaceImage.from_file(str(image_path))
     labels = image.resample_label(load_volume(str(label_path)))
     image_name = Path(image_path).name.split(".")[0]
@@ -58,7 +64,7 @@ def structure_crops(
         if len(voxels) < MIN_STRUCTURE_VOXELS:
             continue
         for _ in range(crops_per_structure):
-            centre = voxels[rng.integers(len(voxels))].numpy()
+            centre = voxels[rng.integers(len(voxels))].numpy() + rng.integers(-max_shift, max_shift + 1, size=3)
             window = CropWindow.around(centre, image.shape)
             crops.append(
                 StructureCrop(
@@ -102,16 +108,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the *.pt pairs")
     parser.add_argument("--crops-per-structure", type=int, default=4)
     parser.add_argument("--exclude", default="", help="comma-separated labels held out of training")
+    parser.add_argument("--exclude-images", default="", help="comma-separated image names held out of training")
+    parser.add_argument("--max-shift", type=int, default=MAX_CROP_SHIFT, help="crop offset from the structure")
+    parser.add_argument(
+        "--structure-fraction", type=float, default=1.0, help="keep this seeded share of the structures (small data)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
 
     rng = np.random.default_rng(args.seed)
     exclude = frozenset(filter(None, args.exclude.split(",")))
+    excluded_images = set(filter(None, args.exclude_images.split(",")))
+    names = [name for name, index in SAMPLE_LABELS.items() if index and name not in exclude]
+    kept = set(rng.choice(names, size=max(1, round(len(names) * args.structure_fraction)), replace=False))
+    exclude |= frozenset(names) - kept
+    logger.info("training structures: %s", sorted(kept))
     args.out.mkdir(parents=True, exist_ok=True)
     count = 0
     for image_path, label_path in labelled_images(args.studies):
-        for crop in structure_crops(image_path, label_path, SAMPLE_LABELS, rng, args.crops_per_structure, exclude):
+        if image_path.name.split(".")[0] in excluded_images:
+            continue
+        crops = structure_crops(
+            image_path, label_path, SAMPLE_LABELS, rng, args.crops_per_structure, exclude, args.max_shift
+        )
+        for crop in crops:
             save_training_pair(args.out / f"{crop.name.replace(':', '_')}_{count:04d}.pt", crop.volume, crop.mask)
             count += 1
     print(f"{count} training pairs in {args.out}")
