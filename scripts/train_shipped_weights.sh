@@ -18,7 +18,7 @@ work=$(realpath -m "$2")
 shift 2
 HELD_OUT=amygdala_left,amygdala_right,hippocampus_left,hippocampus_right
 HELD_OUT_IMAGES=brain1
-STAGE2_STEPS=500
+STAGE2_STEPS=200
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/../apps/mais"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -51,7 +51,7 @@ case $stage in
     # shellcheck disable=SC2046
     $PY -m lib.training.fit --out "$work/$name.pt" --freeze-encoder --memory-mode "$mode" --memory-size "$size" \
       --steps $STAGE2_STEPS --batch-size 16 --clicks 10 --lr 2e-4 --warmup-steps 20 --ce-weight 1.0 \
-      --data-dir "$work/$data" --synthetic-fraction 0.5 --synthetic-pool 1000 --time-budget-s "$budget" \
+      --data-dir "$work/$data" --synthetic-fraction 0.5 --synthetic-pool 300 --time-budget-s "$budget" \
       "${common[@]}" $(resume_or_init "$work/$name.pt" --init "$work/stage1.pt" --fresh-memory)
     ;;
   evaluate)

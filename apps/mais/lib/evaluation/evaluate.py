@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.configs.app_settings import read_label_map
 from lib.configs.labels import SAMPLE_LABELS
 from lib.evaluation.interactive import CLICK_RULES, NOC_THRESHOLDS, StructureResult, evaluate_structure
 from lib.imaging import ModelSpaceImage, load_volume
@@ -46,7 +45,7 @@ def cases(args) -> list[tuple[str, ModelSpaceImage, dict[str, np.ndarray]]]:
     pairs += [tuple(Path(p) for p in extra.split("=", 1)) for extra in args.extra]
     wanted_images = set(filter(None, args.images.split(",")))
     wanted = set(filter(None, args.structures.split(",")))
-    label_map = read_label_map(args.labels) if args.labels else SAMPLE_LABELS
+    label_map = json.loads(args.labels.read_text()) if args.labels else SAMPLE_LABELS
     result = []
     for image_path, label_path in pairs:
         name = image_path.name.split(".")[0]

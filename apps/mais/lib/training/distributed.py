@@ -8,6 +8,7 @@ training data (crops) reach them pickled (tensors through shared memory) and cal
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -68,6 +69,8 @@ def _worker(
     on_validation,
     results,
 ) -> None:
+    if not logging.getLogger().handlers:  # a spawned process starts without the parent's logging set-up
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s")
     dist.init_process_group(
         "nccl" if use_cuda else "gloo",
         init_method=f"tcp://127.0.0.1:{port}",

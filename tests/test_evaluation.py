@@ -1,0 +1,60 @@
+"""Evaluation command and the active-learning score, on the shipped weights and real sample images (CPU, no server)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from lib.activelearning.disagreement import ProbeConfig, image_disagreement
+from lib.evaluation import evaluate, plot
+from lib.evaluation.interactive import StructureResult
+from lib.imaging import ModelSpaceImage
+from lib.model.build import load_mais
+from server import APP_DIR, REPO_ROOT, SAMPLE_DATA
+
+WEIGHTS = APP_DIR / "model" / "mais_light.pt"
+BREAST1 = f"{SAMPLE_DATA / 'breast1.nii.gz'}={REPO_ROOT / 'tests' / 'data' / 'breast1_lesion_label.nii.gz'}"
+
+
+def test_noc_is_the_first_click_reaching_the_threshold_capped_at_k():
+    result = StructureResult("s", "center", dice=[0.5, 0.82, 0.86, 0.91], seconds=[0.1] * 4)
+    assert [result.clicks_to_reach(t) for t in (0.80, 0.85, 0.90, 0.95)] == [2, 3, 4, 4]
+
+
+def test_evaluate_writes_dice_per_click_noc_and_a_plot(tmp_path):
+    out = tmp_path / "eval"
+    summary = evaluate.main(
+        [
+            "--studies", str(SAMPLE_DATA), "--images", "brain1,breast1", "--structures", "lesion",
+            "--extra", BREAST1,
+            "--weights", str(WEIGHTS), f"{WEIGHTS}@none=no-memory", "--rules", "center,noisy", "--clicks", "3",
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert set(summary["models"]) == {"mais_light", "no-memory"}
+    center = summary["models"]["mais_light"]["center"]
+    assert set(center["structures"]) == {"brain1:lesion", "breast1:lesion"}
+    assert center["structures"]["brain1:lesion"][0] > 0.8  # a structure the shipped weights were trained on
+    assert len(center["mean_dice_per_click"]) == 3 and set(center["noc"]) == {"80", "85", "90"}
+    assert center["seconds_per_click"] > 0
+    with open(out / "dice_per_click.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 * 3  # models x rules x structures x clicks
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert "| mais_light | center |" in (out / "summary.md").read_text()
+    plot.main([str(out / "summary.json"), str(out / "plot.png")])
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_click_rule_is_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--weights", str(WEIGHTS), "--studies", str(SAMPLE_DATA), "--rules", "psychic", "--out", "x"])
+
+
+def test_disagreement_is_a_reproducible_fraction():
+    model = load_mais(WEIGHTS)
+    image = ModelSpaceImage.from_file(str(SAMPLE_DATA / "breast1.nii.gz"))
+    first, second = (image_disagreement(model, image, ProbeConfig(probes=2)) for _ in range(2))
+    assert 0.0 <= first <= 1.0 and first == second
