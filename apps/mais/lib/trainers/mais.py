@@ -127,11 +127,12 @@ class MaisTrainer(TrainTask):
         world_size = available_gpus() if options.multi_gpu and available_gpus() > 1 else 1
         steps_per_epoch = math.ceil(len(crops) / (options.batch_size * world_size))
         init = self.model_loader.path
+        served = self.model_loader.get()[0].config
         config = FitConfig(
             out=run_dir / "last.pt",
             init=init,
-            memory_mode=options.memory_mode or self.model_loader.get()[0].config.memory_mode,
-            memory_size=self.model_loader.get()[0].config.memory_size,
+            memory_mode=options.memory_mode or served.memory_mode,
+            memory_size=served.memory_size,
             steps=options.epochs * steps_per_epoch,
             batch_size=options.batch_size,
             lr=options.learning_rate,

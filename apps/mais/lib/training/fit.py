@@ -364,6 +364,9 @@ def fit(
     step = 0
     if config.resume is not None:
         step = _load_state(config.resume, model, optimiser, schedule, rng, source.generator)
+        if rank:  # the state holds rank 0's random streams: the other ranks need streams of their own again
+            rng = np.random.default_rng([config.seed, rank, step])
+            source.generator.manual_seed(hash((config.seed, rank, step)) % 2**63)
     cache = _EmbeddingCache() if config.freeze_encoder and config.cache_embeddings else None
     interaction_step = _InteractionStep(
         model, cache, InteractionConfig(num_clicks=config.clicks, ce_weight=config.ce_weight)
