@@ -117,7 +117,8 @@ class MaisTrainer(TrainTask):
         if not crops:
             raise HTTPException(
                 status_code=422,
-                detail=f"the final labels hold none of the app's labels {sorted(self.label_map)[1:]}",
+                detail="the final labels hold none of the app's labels "
+                f"{sorted(name for name, index in self.label_map.items() if index)}",
             )
         # a single labelled image (or val_split 0) leaves nothing to hold out: validate on the training images.
         # Validation crops are centred on their structure, as the window of a user's first click is.
