@@ -215,14 +215,15 @@ def test_non_3d_images_get_422(server, client, tmp_path, shape):
 def test_session_bounds_from_conf_evict_and_expire_without_failing(studies, tmp_path, brain1_lesion):
     """--conf max_sessions / session_ttl_s bound the store; an evicted or expired user is rebuilt by replay."""
     second = [brain1_lesion[0] + 3, brain1_lesion[1], brain1_lesion[2]]
-    conf = {"max_sessions": "2", "session_ttl_s": "4"}
+    # a TTL well above a click's worst time on a loaded 2-core machine, so only the sleep below expires a session
+    conf = {"max_sessions": "2", "session_ttl_s": "12"}
     with MonaiLabelServer(studies, tmp_path / "bounded.log", conf=conf) as bounded:
         for user in ("u1", "u2", "u3"):  # u1 is the least recently used when u3 arrives
             slicer_click(bounded.url, user, "brain1", "lesion", [brain1_lesion])
         _, _, evicted = slicer_click(bounded.url, "u1", "brain1", "lesion", [brain1_lesion, second])
         _, _, kept = slicer_click(bounded.url, "u3", "brain1", "lesion", [brain1_lesion, second])
-        time.sleep(5)
+        time.sleep(13)
         _, _, expired = slicer_click(bounded.url, "u3", "brain1", "lesion", [brain1_lesion, second])
     assert evicted["steps_run"] == 2, "u1's session should have been evicted and replayed"
     assert kept["steps_run"] == 1, "u3's session should have been kept"
-    assert expired["steps_run"] == 2, "u3's session should have expired after 4 s idle"
+    assert expired["steps_run"] == 2, "u3's session should have expired after 12 s idle"

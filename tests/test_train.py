@@ -64,6 +64,17 @@ def wait_for(url: str, task: str, timeout_s: float) -> dict | None:
     raise TimeoutError(f"{task} still running after {timeout_s} s: {response.text}")
 
 
+def train_status_soon(url: str, expected: str, timeout_s: float = 15) -> bool:
+    """Whether /info's train_stats status becomes `expected` within a few seconds (a killed process takes a moment
+    to go)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if requests.get(f"{url}/info/", timeout=30).json()["train_stats"]["mais"]["status"] == expected:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -113,6 +124,7 @@ def test_a_training_run_killed_mid_epoch_leaves_the_served_weights_intact(traini
     stopped = requests.delete(f"{url}/train/", timeout=30).json()  # Slicer's "Stop": kills the process
     assert stopped["status"] == "STOPPED"
     assert sha256(served) == digest
+    assert train_status_soon(url, "stopped before finishing")  # not "running" forever
     centre = interior_voxel_of(amygdala_label[1]["amygdala_left"])
     mask, _, result = slicer_click(url, "after-kill", IMAGE, "amygdala_left", [centre])
     assert result["weights"] == "mais_trained.pt" and mask.any()

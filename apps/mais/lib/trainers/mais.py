@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
@@ -102,9 +103,13 @@ class MaisTrainer(TrainTask):
     def stats(self) -> dict[str, Any]:
         path = self.settings.train_dir / STATS_FILE
         try:
-            return json.loads(path.read_text())
+            stats = json.loads(path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
+        if stats.get("status") == "running" and not _alive(stats.get("pid", -1)):
+            # killed (DELETE /train/, a crash, a reboot): it could not say so itself
+            stats["status"] = "stopped before finishing"
+        return stats
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         options = TrainRequest.from_request(request)
@@ -153,6 +158,7 @@ class MaisTrainer(TrainTask):
             steps_per_epoch=steps_per_epoch,
             stats={
                 "status": "running",
+                "pid": os.getpid(),
                 "run_dir": str(run_dir),
                 "start_ts": int(time.time()),
                 "init_weights": str(init),
@@ -288,6 +294,14 @@ class TrainingProgress:
             history.append({"epoch": epoch})
         history[-1].update(values)
         self.write()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a killed one stays a zombie until MONAI Label reaps it)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _image_id(item: dict) -> str:
