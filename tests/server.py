@@ -48,8 +48,11 @@ def server_command(studies: Path | str, port: int, conf: dict[str, str] | None =
 class MonaiLabelServer:
     """A running server; use as a context manager or call start()/stop()."""
 
-    def __init__(self, studies: Path | str, log_path: Path, conf: dict[str, str] | None = None):
+    def __init__(
+        self, studies: Path | str, log_path: Path, conf: dict[str, str] | None = None, env: dict[str, str] | None = None
+    ):
         self.studies = studies
+        self.env = env or {}
         # training runs and the weights they publish stay in the test's folder, never in the app's
         self.conf = {"train_dir": str(log_path.parent / "train"), **(conf or {})}
         self.log_path = log_path
@@ -58,7 +61,7 @@ class MonaiLabelServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> MonaiLabelServer:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", MONAI_LABEL_TRACKING_ENABLED="false")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", MONAI_LABEL_TRACKING_ENABLED="false", **self.env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 server_command(self.studies, self.port, self.conf),

@@ -7,6 +7,7 @@ This file only wires tasks together; the model, sessions and clicks live in `lib
 import functools
 import logging
 import os
+import shutil
 import sys
 
 from monailabel.interfaces.app import MONAILabelApp
@@ -53,6 +54,12 @@ class MaisApp(MONAILabelApp):
             labels=self.label_map,
         )
         _warn_if_no_images(studies, self.datastore().list_images())
+
+    def _download_dcmqi_tools(self) -> None:
+        """MONAI Label downloads dcmqi from GitHub when it opens a DICOMweb datastore; offline that stops the
+        start. Nothing downloads here: saving a final label as DICOM SEG needs dcmqi's itkimage2segimage on PATH."""
+        if not shutil.which("itkimage2segimage"):
+            logger.warning("itkimage2segimage (dcmqi) is not on PATH: final labels cannot be stored as DICOM SEG")
 
     def init_infers(self) -> dict[str, InferTask]:
         return {"mais": MaisInfer(self.settings, self.label_map, self.model_loader)}
