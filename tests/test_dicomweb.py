@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,34 +20,23 @@ import requests
 from monai.transforms import LoadImage, Orientation
 
 from clicking import dice, interior_voxel
-from server import REPO_ROOT, SAMPLE_DATA, MonaiLabelServer, free_port
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import build_sample_dicom  # noqa: E402
+from server import SAMPLE_DATA, MonaiLabelServer, free_port
 
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 RAS = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
 
 @pytest.fixture(scope="module")
-def dicom_folder(tmp_path_factory) -> Path:
-    """The sample series as DICOM files: one sub-folder per image."""
-    out = tmp_path_factory.mktemp("dicom")
-    build_sample_dicom.main(["--out", str(out), "--images", "brain1,lung1"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def series(dicom_folder) -> dict[str, str]:
+def series(sample_dicom) -> dict[str, str]:
     """{image name: SeriesInstanceUID}."""
     return {
         d.name: pydicom.dcmread(next(d.iterdir()), stop_before_pixels=True).SeriesInstanceUID
-        for d in dicom_folder.iterdir()
+        for d in sample_dicom.iterdir()
     }
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory, dicom_folder):
+def orthanc(tmp_path_factory, sample_dicom):
     """A running Orthanc with the sample series uploaded; yields its DICOMweb root URL."""
     orthanc_binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     assert Path(orthanc_binary).exists(), "Orthanc is not installed: apt-get install orthanc orthanc-dicomweb"
@@ -76,7 +64,7 @@ def orthanc(tmp_path_factory, dicom_folder):
                     break
             except requests.ConnectionError:
                 time.sleep(0.5)
-        for path in sorted(dicom_folder.rglob("*.dcm")):
+        for path in sorted(sample_dicom.rglob("*.dcm")):
             requests.post(f"{url}/instances", data=path.read_bytes(), timeout=30).raise_for_status()
         yield f"{url}/dicom-web"
     finally:
@@ -105,11 +93,11 @@ def test_datastore_lists_the_series(pacs_server, series):
     assert chosen["id"] in series.values()
 
 
-def test_ohif_click_by_series_uid_returns_a_mask_on_the_series_grid(pacs_server, series, dicom_folder, tmp_path):
+def test_ohif_click_by_series_uid_returns_a_mask_on_the_series_grid(pacs_server, series, sample_dicom, tmp_path):
     """OHIF's exact request: label-keyed lists, no `label`, no client_id, voxel indices of the series volume."""
     label = LoadImage(image_only=True, ensure_channel_first=True)(str(SAMPLE_DATA / "labels" / "final" / "brain1.nrrd"))
     # the lesion's deepest voxel, in the series' own voxel order (its slices run the other way than the NRRD's)
-    reference = LoadImage(image_only=True, ensure_channel_first=True, reader="ITKReader")(str(dicom_folder / "brain1"))
+    reference = LoadImage(image_only=True, ensure_channel_first=True, reader="ITKReader")(str(sample_dicom / "brain1"))
     world = np.asarray(label.affine) @ np.array(
         [*interior_voxel(SAMPLE_DATA / "labels" / "final" / "brain1.nrrd", 1), 1]
     )

@@ -2,43 +2,32 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pydicom
 import pytest
 from monai.transforms import LoadImage, Orientation
 
-from server import REPO_ROOT, SAMPLE_DATA
-
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import build_sample_dicom  # noqa: E402
+import build_sample_dicom
+from server import SAMPLE_DATA
 
 RAS = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
 
-@pytest.fixture(scope="module")
-def series(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dicom")
-    build_sample_dicom.main(["--out", str(out), "--images", "brain1,lung1"])
-    return out
-
-
 @pytest.mark.parametrize("reader", ["PydicomReader", "ITKReader"])
 @pytest.mark.parametrize("name, source", [("brain1", "brain1.nrrd"), ("lung1", "lung1.nii.gz")])
-def test_series_has_the_source_voxels_at_the_source_positions(series, reader, name, source):
+def test_series_has_the_source_voxels_at_the_source_positions(sample_dicom, reader, name, source):
     """brain1 is LAS with 6.5 mm slices: a flipped axis or a swapped spacing would show here."""
     original = LoadImage(image_only=True, ensure_channel_first=True)(str(SAMPLE_DATA / source))
-    read_back = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(series / name))
+    read_back = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(sample_dicom / name))
     original, read_back = RAS(original), RAS(read_back)
     assert read_back.shape == original.shape
     np.testing.assert_allclose(np.asarray(read_back.affine), np.asarray(original.affine), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(read_back), np.asarray(original))
 
 
-def test_series_tags_and_stable_uids(series, tmp_path):
-    brain1 = [pydicom.dcmread(p) for p in sorted((series / "brain1").iterdir())]
-    lung1 = pydicom.dcmread(next((series / "lung1").iterdir()))
+def test_series_tags_and_stable_uids(sample_dicom, tmp_path):
+    brain1 = [pydicom.dcmread(p) for p in sorted((sample_dicom / "brain1").iterdir())]
+    lung1 = pydicom.dcmread(next((sample_dicom / "lung1").iterdir()))
     assert len(brain1) == 25 and brain1[0].Modality == "MR" and lung1.Modality == "CT"
     assert len({ds.SeriesInstanceUID for ds in brain1}) == 1 and brain1[0].SeriesInstanceUID != lung1.SeriesInstanceUID
     assert len({ds.SOPInstanceUID for ds in brain1}) == 25
