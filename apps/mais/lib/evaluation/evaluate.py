@@ -79,7 +79,7 @@ def summarise(results: list[StructureResult]) -> dict:
 def markdown_table(summary: dict) -> str:
     """One row per model and rule: Dice after clicks 1, 5, 10 (or K), the rise from 5 to 10, NoC@85/90."""
     lines = [
-        "| model | clicks | Dice@1 | Dice@5 | Dice@10 | Dice@10 - Dice@5 | NoC@85 | NoC@90 | s/click |",
+        "| model | click rule | Dice@1 | Dice@5 | Dice@10 | Dice@10 - Dice@5 | NoC@85 | NoC@90 | s/click |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model, rules in summary["models"].items():

@@ -69,9 +69,9 @@ def evaluate_structure(
 
 def _click(truth: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, config: ClickConfig) -> Click | None:
     """The simulator's click, computed inside the bounding box of truth and mask, in whole-image voxels."""
-    region = truth if mask is None else truth | mask
-    lo = np.maximum(np.argwhere(region).min(0) - BOX_MARGIN, 0)
-    hi = np.minimum(np.argwhere(region).max(0) + BOX_MARGIN + 1, truth.shape)
+    voxels = np.argwhere(truth if mask is None else truth | mask)
+    lo = np.maximum(voxels.min(0) - BOX_MARGIN, 0)
+    hi = np.minimum(voxels.max(0) + BOX_MARGIN + 1, truth.shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     if mask is None:
         click = first_click(truth[box], rng, config.first_click, config.noise)

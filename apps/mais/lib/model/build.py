@@ -25,11 +25,11 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from medim.models.sam_med3d import MaskDecoder3D, PromptEncoder3D
@@ -191,19 +191,25 @@ def save_mais(
     return path
 
 
-def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
-    """torch.save into a temporary file of the same folder, then os.replace: a reader (the server reloading
-    published weights, a resumed run) sees the old file or the new one, never half of one."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """write(file) into a temporary file of the same folder, then os.replace: a reader (the server reloading
+    published weights, /info reading training stats, a resumed run) sees the old file or the new one, never half
+    of one. The folder is created if needed; the temporary file is removed if writing fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
+    """torch.save to `path` through `atomic_write`."""
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_mais_file(path: str | os.PathLike) -> dict[str, Any]:

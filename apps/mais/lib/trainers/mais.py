@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lib.configs.app_settings import AppSettings, MemoryMode
 from lib.infers.mais import ModelLoader
+from lib.model.build import atomic_write
 from lib.training.distributed import available_gpus, fit_distributed
 from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
 from lib.training.real_data import MAX_CROP_SHIFT, StructureCrop, split_by_image, structure_crops
@@ -213,15 +213,8 @@ class MaisTrainer(TrainTask):
             logger.info("MAIS training: no epoch beat the served weights on validation; nothing published")
             return None
         target = self.settings.trained_weights
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(config.best_path, tmp)
-            os.replace(tmp, target)  # the infer task sees the old file or the new one, never a partial one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with open(config.best_path, "rb") as best:  # the infer task sees the old file or the new one, never part
+            atomic_write(target, lambda f: shutil.copyfileobj(best, f))
         logger.info("MAIS training: published the weights of step %d to %s", result.best_step, target)
         return target
 
@@ -279,11 +272,7 @@ class TrainingProgress:
 
     def write(self) -> None:
         """Atomically, so `/info` never reads a half-written file."""
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".train_stats.", suffix=".tmp", dir=self.stats_path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.stats, f, indent=1)
-        os.replace(tmp, self.stats_path)
+        atomic_write(self.stats_path, lambda f: f.write(json.dumps(self.stats, indent=1).encode()))
 
     def _epoch(self, step: int) -> int:
         return math.ceil(step / self.steps_per_epoch)
