@@ -23,7 +23,7 @@ from lib.training.fit import (
 )
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
-from lib.training.synthetic import SyntheticConfig, synthetic_batch
+from lib.training.synthetic import SyntheticConfig, synthetic_batch, synthetic_stream
 from lib.training.validation import validate
 
 TINY_SIZE = 64
@@ -61,6 +61,21 @@ def test_synthetic_volumes_are_normalised_non_empty_and_seeded():
     assert torch.equal(images, again_images) and torch.equal(masks, again_masks)
     other_images, _ = tiny_batch(3, seed=1)
     assert not torch.equal(images, other_images)
+
+
+def test_synthetic_stream_makes_valid_samples_in_worker_processes_in_a_seeded_order():
+    def first(seed: int, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        stream = synthetic_stream(seed, workers=2, config=TINY_SYNTHETIC)
+        return [next(stream) for _ in range(count)]
+
+    samples = first(seed=0)
+    for image, mask in samples:
+        assert image.shape == (1, TINY_SIZE, TINY_SIZE, TINY_SIZE) and mask.shape == image.shape
+        assert mask.dtype == torch.bool and mask.sum() >= TINY_SYNTHETIC.min_target_voxels
+        assert torch.isfinite(image).all() and image.std() > 0.5
+    assert not torch.equal(samples[0][0], samples[1][0])  # the two workers draw different volumes
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(samples, first(seed=0)))
+    assert not torch.equal(samples[0][0], first(seed=1, count=1)[0][0])
 
 
 # ------------------------------------------------------------------------------------------ interaction loop
@@ -116,6 +131,18 @@ def test_training_steps_reduce_the_loss_and_leave_a_frozen_encoder_unchanged():
     assert all(p.grad is None for p in model.image_encoder.parameters())
     for part, before in rest_before.items():
         assert changed(before, getattr(model, part)), f"{part} did not train"
+
+
+def test_learning_rate_warms_up_then_decays_over_steps_or_time_budget_whichever_ends_first():
+    model = tiny_model()
+    optimiser, budgeted = make_optimiser(model, FitConfig(lr=1e-3, steps=1000, warmup_steps=10, time_budget_s=100))
+    assert budgeted.apply(0, elapsed_s=0.0) == pytest.approx(1e-4)  # warm-up step 1 of 10
+    assert budgeted.apply(20, elapsed_s=50.0) == pytest.approx(0.55e-3)  # half the budget: half-way down the cosine
+    assert optimiser.param_groups[0]["lr"] == pytest.approx(0.55e-3)
+    assert budgeted.apply(20, elapsed_s=100.0) == pytest.approx(1e-4)  # budget spent: the floor, 10% of the peak
+    _, unbudgeted = make_optimiser(model, FitConfig(lr=1e-3, steps=1000, warmup_steps=10))
+    assert unbudgeted.apply(20, elapsed_s=1e6) > 0.99e-3
+    assert unbudgeted.apply(1000, elapsed_s=0.0) == pytest.approx(1e-4)
 
 
 def test_a_trainable_encoder_gets_gradients_through_the_loop():
@@ -245,8 +272,9 @@ def test_validation_is_deterministic_and_restores_train_mode(tiny_weights):
 
 
 def test_fit_distributed_trains_with_ddp_on_two_cpu_processes(tmp_path, tiny_weights):
-    """The multi-GPU path (one process per GPU, DDP) run on the CPU over gloo: same code, no GPU needed."""
-    config = fit_config(tmp_path, tiny_weights, "ddp", steps=2, log_every=1, device="cpu")
+    """The multi-GPU path (one process per GPU, DDP) run on the CPU over gloo: same code, no GPU needed; with
+    synthetic volumes from worker processes, as on the GPUs."""
+    config = fit_config(tmp_path, tiny_weights, "ddp", steps=2, log_every=1, device="cpu", synthetic_workers=1)
     result = fit_distributed(config, world_size=2)
     assert result.finished and result.steps_done == 2
     assert result.last_log.step == 2

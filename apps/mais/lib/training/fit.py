@@ -10,7 +10,8 @@ Data: each sample is a 128^3 crop and one binary target. Sources, mixed per samp
 - real crops: `StructureCrop`s passed to `fit`, or `--data-dir`, a folder of `*.pt` files written by
   `save_training_pair` ({"image": float [1, 128, 128, 128] normalised, "label": int or bool [1, 128, 128, 128]};
   each non-zero label value is its own target);
-- synthetic volumes (lib.training.synthetic): fresh every step, or a fixed pool of `synthetic_pool` volumes.
+- synthetic volumes (lib.training.synthetic): fresh every step, or a fixed pool of `synthetic_pool` volumes;
+  made on the training device, or by `synthetic_workers` host processes (what keeps a GPU busy).
 With the encoder frozen, image embeddings are computed once per image (real crops and the synthetic pool) and
 kept in memory on the training device; fresh synthetic volumes are embedded every step.
 
@@ -22,7 +23,7 @@ Several GPUs: `lib.training.distributed.fit_distributed` runs `fit` once per GPU
 draws its own samples, gradients are averaged, and only rank 0 validates, logs and writes files.
 
 Checkpoints: the weights go to `out` with `save_mais` (atomic) at the end and every `checkpoint_every` steps,
-together with a training state `<out>.state.pt` (model, optimiser, schedule, step, random states; atomic too).
+together with a training state `<out>.state.pt` (model, optimiser, step, random states; atomic too).
 `--resume <out>.state.pt` continues a run exactly where it stopped; `time_budget_s` stops a run cleanly (and
 checkpoints) before the device's per-call limit. Given the seed, a run is deterministic on the CPU; on a GPU up
 to the CUDA kernels torch has no deterministic version of (trilinear upsampling's backward uses atomic adds).
@@ -52,7 +53,7 @@ from lib.model.mais import Mais
 from lib.model.memory_attention import MEMORY_MODES
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
-from lib.training.synthetic import SyntheticConfig, synthetic_sample
+from lib.training.synthetic import SyntheticConfig, synthetic_sample, synthetic_stream
 from lib.training.validation import ValidationResult, validate
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class FitConfig:
     cache_embeddings: bool = True  # with a frozen encoder: embed each image once (False: every step, to compare)
     synthetic_fraction: float = 1.0  # chance that a sample is synthetic (1.0 when there are no real crops)
     synthetic_pool: int = 0  # 0: fresh synthetic volumes every step; N > 0: a fixed pool of N (cacheable)
+    synthetic_workers: int = 0  # 0: synthetic volumes are made on the training device; N: by N host processes
     data_dir: Path | None = None
     seed: int = 0
     deterministic: bool = True  # deterministic kernels where torch has them (~20% slower on a GPU at batch 4)
@@ -105,6 +107,8 @@ class FitConfig:
             raise ValueError(f"amp must be auto, bf16 or none, got {self.amp!r}")
         if not 0.0 <= self.synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
+        if self.synthetic_workers < 0:
+            raise ValueError(f"synthetic_workers must be >= 0, got {self.synthetic_workers}")
         if min(self.steps, self.batch_size, self.clicks, self.log_every, self.checkpoint_every) < 1:
             raise ValueError("steps, batch_size, clicks, log_every and checkpoint_every must be >= 1")
         if self.validate_every < 0:
@@ -202,6 +206,9 @@ class _BatchSource:
         self.synthetic_config = SyntheticConfig(size=size)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed + 1)
+        self.stream = None
+        if config.synthetic_workers and (config.synthetic_fraction > 0 or not self.targets):
+            self.stream = synthetic_stream(config.seed + 1, config.synthetic_workers, self.synthetic_config)
         self.pool = [self._synthetic() for _ in range(config.synthetic_pool)]
         self.synthetic_fraction = config.synthetic_fraction if self.targets else 1.0
 
@@ -223,7 +230,15 @@ class _BatchSource:
         target = self.targets[int(rng.integers(len(self.targets)))]
         return f"real:{target.image_key}", target.image, target.mask
 
+    def close(self) -> None:
+        """Stop the synthetic workers now. Left to interpreter exit, their shutdown aborted them on the GPU
+        machine ("terminate called without an active exception"); dropping the last reference to the loader's
+        iterator shuts them down in order."""
+        self.stream = None
+
     def _synthetic(self) -> tuple[Tensor, Tensor]:
+        if self.stream is not None:
+            return next(self.stream)
         return synthetic_sample(self.generator, self.synthetic_config)
 
 
@@ -314,19 +329,41 @@ def set_encoder_frozen(model: Mais, frozen: bool) -> None:
     model.image_encoder.train(not frozen and model.training)
 
 
-def make_optimiser(model: Mais, config: FitConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the trainable parameters; linear warm-up, then cosine decay to 10% of `lr` at `steps`."""
+def make_optimiser(model: Mais, config: FitConfig) -> tuple[torch.optim.Optimizer, LearningRateSchedule]:
+    """AdamW over the trainable parameters, and the schedule that sets its learning rate every step."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     warmup = min(config.warmup_steps, max(1, config.steps // 10))
+    return optimiser, LearningRateSchedule(optimiser, config.lr, warmup, config.steps, config.time_budget_s)
 
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor)
+@dataclass
+class LearningRateSchedule:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% of `peak_lr` at progress 1.
+
+    Progress is the larger of step / steps and, with a time budget, the share of the budget used: a run that the
+    device's clock stops still ends its decay instead of stopping at a high learning rate, whatever its speed.
+    The budget counts per call, so a resumed run decays over the rest of its steps or its new budget.
+    """
+
+    optimiser: torch.optim.Optimizer
+    peak_lr: float
+    warmup: int
+    steps: int
+    time_budget_s: float | None = None
+
+    def apply(self, step: int, elapsed_s: float) -> float:
+        """Set the learning rate of optimiser step `step` (0-based), `elapsed_s` into the budget; returns it."""
+        if step < self.warmup:
+            factor = (step + 1) / self.warmup
+        else:
+            progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+            if self.time_budget_s:
+                progress = max(progress, elapsed_s / self.time_budget_s)
+            factor = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        for group in self.optimiser.param_groups:
+            group["lr"] = self.peak_lr * factor
+        return self.peak_lr * factor
 
 
 # ------------------------------------------------------------------------------------------------------ fit
@@ -363,7 +400,7 @@ def fit(
     rng = np.random.default_rng(config.seed + rank)
     step = 0
     if config.resume is not None:
-        step = _load_state(config.resume, model, optimiser, schedule, rng, source.generator)
+        step = _load_state(config.resume, model, optimiser, rng, source.generator)
         if rank:  # the state holds rank 0's random streams: the other ranks need streams of their own again
             rng = np.random.default_rng([config.seed, rank, step])
             source.generator.manual_seed(hash((config.seed, rank, step)) % 2**63)
@@ -401,12 +438,14 @@ def fit(
         validation.run(step)
     window = deque(maxlen=config.log_every)  # (loss, dice_per_click [K]) of recent steps
     loop_started, samples, slowest_step_s, last_log = time.monotonic(), 0, 0.0, None
+    budget_used_s = time.monotonic() - fit_started
     while step < config.steps:
         step_started = time.monotonic()
+        lr = schedule.apply(step, budget_used_s)
         keys, images, masks = source.next_batch(rng)
         with autocast:
             loss, dice_per_click = interaction_step(keys, images, masks, rng)
-        _optimise(loss, optimiser, schedule, config.max_grad_norm)
+        _optimise(loss, optimiser, config.max_grad_norm)
         step += 1
         samples += len(keys) * world_size
         window.append((loss.item(), dice_per_click.cpu()))
@@ -414,21 +453,21 @@ def fit(
 
         if is_main and (step % config.log_every == 0 or step == config.steps):
             elapsed = time.monotonic() - loop_started
-            last_log = _training_log(window, step, config.steps, schedule.get_last_lr()[0], samples / elapsed, elapsed)
+            last_log = _training_log(window, step, config.steps, lr, samples / elapsed, elapsed)
             logger.info(_format_log(last_log, cache))
             if on_log is not None:
                 on_log(last_log)
         # the budget counts from the call (set-up included): it guards a wall-clock limit such as the device's
-        out_of_time = _any_process(
-            config.time_budget_s is not None and time.monotonic() - fit_started + slowest_step_s > config.time_budget_s,
-            device,
+        budget_used_s, next_step_ends_s = _slowest_process(
+            [time.monotonic() - fit_started, time.monotonic() - fit_started + slowest_step_s], device
         )
+        out_of_time = config.time_budget_s is not None and next_step_ends_s > config.time_budget_s
         if validation is not None and (
             (config.validate_every and step % config.validate_every == 0) or step == config.steps or out_of_time
         ):
             validation.run(step)
         if is_main and (step % config.checkpoint_every == 0 or step == config.steps or out_of_time):
-            _save(model, optimiser, schedule, rng, source.generator, step, config, last_log)
+            _save(model, optimiser, rng, source.generator, step, config, last_log)
         if out_of_time:
             logger.info(
                 "time budget %.0f s reached after step %d; resume with --resume %s",
@@ -438,6 +477,7 @@ def fit(
             )
             break
 
+    source.close()
     samples_per_s = samples / max(time.monotonic() - loop_started, 1e-9)
     result = FitResult(step, step >= config.steps, config.out, config.state_path, last_log, samples_per_s)
     if validation is not None:
@@ -484,23 +524,22 @@ class _Validation:
         return result
 
 
-def _any_process(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is true in any training process: they must stop at the same step, or the others would wait
-    forever for this one's gradients."""
+def _slowest_process(clock_s: list[float], device: torch.device) -> list[float]:
+    """Each clock reading's maximum over the training processes. They must agree on when to stop (or the others
+    would wait forever for one's gradients) and on the learning rate (or their weights would drift apart)."""
     if not dist.is_initialized():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
+        return clock_s
+    value = torch.tensor(clock_s, dtype=torch.float64, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return value.tolist()
 
 
-def _optimise(loss: Tensor, optimiser: torch.optim.Optimizer, schedule, max_grad_norm: float) -> None:
+def _optimise(loss: Tensor, optimiser: torch.optim.Optimizer, max_grad_norm: float) -> None:
     """One optimiser step on `loss`, gradients clipped to `max_grad_norm` (ten summed step losses can spike)."""
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(optimiser.param_groups[0]["params"], max_grad_norm)
     optimiser.step()
-    schedule.step()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -533,9 +572,7 @@ def _format_log(log: TrainingLog, cache: _EmbeddingCache | None) -> str:
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save(
-    model, optimiser, schedule, rng, generator, step: int, config: FitConfig, last_log: TrainingLog | None
-) -> None:
+def _save(model, optimiser, rng, generator, step: int, config: FitConfig, last_log: TrainingLog | None) -> None:
     """The weights (save_mais) and the training state for --resume, both written atomically."""
     metadata = {
         "trained_steps": step,
@@ -549,7 +586,6 @@ def _save(
         "mais_config": model.config.to_dict(),
         "model_state_dict": model.state_dict(),
         "optimiser": optimiser.state_dict(),
-        "schedule": schedule.state_dict(),
         "numpy_rng": rng.bit_generator.state,
         "torch_generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
@@ -557,7 +593,7 @@ def _save(
     atomic_torch_save(state, config.state_path)
 
 
-def _load_state(path: Path, model, optimiser, schedule, rng, generator) -> int:
+def _load_state(path: Path, model, optimiser, rng, generator) -> int:
     """Restore a training state written by `_save` into the freshly built objects; returns the step reached."""
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds numpy rng state dicts
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -569,7 +605,6 @@ def _load_state(path: Path, model, optimiser, schedule, rng, generator) -> int:
         )
     model.load_state_dict(state["model_state_dict"])
     optimiser.load_state_dict(state["optimiser"])
-    schedule.load_state_dict(state["schedule"])
     rng.bit_generator.state = state["numpy_rng"]
     generator.set_state(state["torch_generator"])
     torch.set_rng_state(state["torch_rng"])
@@ -635,6 +670,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FitConfig, int]:
         type=int,
         default=defaults.synthetic_pool,
         help="0: fresh synthetic volumes each step; N: a fixed pool of N, embeddings cached when frozen",
+    )
+    parser.add_argument(
+        "--synthetic-workers",
+        type=int,
+        default=defaults.synthetic_workers,
+        help="host processes making synthetic volumes (0: made on the training device; a GPU run wants ~8)",
     )
     parser.add_argument("--data-dir", type=Path, help="folder of *.pt {image, label} 128^3 training pairs")
     parser.add_argument("--seed", type=int, default=defaults.seed)

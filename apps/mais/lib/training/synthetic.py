@@ -14,11 +14,13 @@ sigmoid(-f / edge_softness), a partial-volume edge. All randomness comes from a 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lib.imaging import CROP_SIZE, normalise_intensity
 
@@ -81,6 +83,40 @@ def synthetic_sample(generator: torch.Generator, config: SyntheticConfig = Synth
     image = image * torch.exp(draw.uniform(*config.bias_range) * _smooth_noise(draw, config.size, cells=3))
     image = image + draw.uniform(*config.noise_range) * draw.noise_volume((config.size,) * 3)
     return normalise_intensity(image)[None], mask[None]
+
+
+def synthetic_stream(
+    seed: int, workers: int, config: SyntheticConfig = SyntheticConfig()
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless synthetic samples (as `synthetic_sample`, on the host) made by `workers` background processes.
+
+    Why: a sample is hundreds of small operations, so on a GPU its generation is bound by one CPU core and kernel
+    launches, and it starved the training loop (4 H100s under DDP trained no faster than 2). Host processes make
+    samples in parallel while the GPU trains. The order is fixed by `seed` and `workers` (a DataLoader takes its
+    workers' samples in turn); a resumed run draws new volumes. Workers are spawned, not forked: a forked copy of
+    a process that has started CUDA aborts when it exits.
+    """
+    loader = DataLoader(
+        _SyntheticSamples(seed, config),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4,
+        persistent_workers=True,
+        multiprocessing_context="spawn",
+    )
+    return iter(loader)
+
+
+class _SyntheticSamples(IterableDataset):
+    def __init__(self, seed: int, config: SyntheticConfig) -> None:
+        self.seed, self.config = seed, config
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        worker = get_worker_info()
+        torch.set_num_threads(1)  # one core per worker: the parallelism is across workers
+        generator = torch.Generator().manual_seed(self.seed * 1000 + (worker.id if worker else 0))
+        while True:
+            yield synthetic_sample(generator, self.config)
 
 
 # --------------------------------------------------------------------------------------------------- shapes
