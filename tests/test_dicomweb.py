@@ -1,5 +1,6 @@
 """The PACS path: a real Orthanc with its DICOMweb plugin holds the sample series, the app is started with
-`--studies http://127.0.0.1:<port>/dicom-web`, and clicks arrive as OHIF sends them, by SeriesInstanceUID.
+`--studies http://127.0.0.1:<port>/dicom-web`, clicks arrive as OHIF sends them, by SeriesInstanceUID, a final
+label goes back to Orthanc as DICOM SEG, and training reads it from there.
 
 Orthanc comes from Debian (`orthanc`, `orthanc-dicomweb`; `.ci/run` installs them), listens on 127.0.0.1 only
 and stores into a temporary folder.
@@ -15,9 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom_seg
 import pytest
 import requests
+import SimpleITK as sitk
+from dicomweb_client import DICOMwebClient
 from monai.transforms import LoadImage, Orientation
+from monailabel.client import MONAILabelClient
 
 from clicking import dice, interior_voxel
 from server import SAMPLE_DATA, MonaiLabelServer, free_port
@@ -123,3 +128,140 @@ def test_ohif_click_by_series_uid_returns_a_mask_on_the_series_grid(pacs_server,
     assert mask.shape == reference.shape  # OHIF copies the buffer straight into its labelmap
     np.testing.assert_allclose(np.asarray(mask.affine), np.asarray(reference.affine), atol=1e-3)
     assert dice(np.asarray(RAS(mask))[0] > 0, np.asarray(RAS(label))[0] == 1) > 0.8
+
+
+def series_grid(series_dir: Path) -> sitk.Image:
+    """A DICOM series as SimpleITK reads it (LPS geometry, voxels in the series' own order)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series_dir)))
+    return reader.Execute()
+
+
+def seg_series(orthanc: str, study_uid: str) -> list[str]:
+    """SeriesInstanceUIDs of the SEG series of a study, asked of Orthanc's QIDO-RS."""
+    found = requests.get(f"{orthanc}/studies/{study_uid}/series", params={"Modality": "SEG"}, timeout=30)
+    found.raise_for_status()
+    return [s["0020000E"]["Value"][0] for s in (found.json() if found.content else [])]
+
+
+@pytest.fixture(scope="module")
+def brain1_study(sample_dicom) -> str:
+    return pydicom.dcmread(next((sample_dicom / "brain1").iterdir()), stop_before_pixels=True).StudyInstanceUID
+
+
+@pytest.fixture(scope="module")
+def brain1_truth(sample_dicom, tmp_path_factory) -> Path:
+    """brain1's lesion label (sample-data) on the brain1 series' grid, as a viewer saves it: an NRRD of the
+    series' size and geometry (the series runs its slices the other way than the sample NRRD)."""
+    label = sitk.ReadImage(str(SAMPLE_DATA / "labels" / "final" / "brain1.nrrd"))
+    on_series = sitk.Resample(label, series_grid(sample_dicom / "brain1"), sitk.Transform(), sitk.sitkNearestNeighbor)
+    path = tmp_path_factory.mktemp("brain1-label") / "brain1_lesion.nrrd"
+    sitk.WriteImage(sitk.Cast(on_series, sitk.sitkUInt8), str(path), True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_seg(pacs_server, orthanc, series, brain1_study, brain1_truth, tmp_path_factory) -> pydicom.Dataset:
+    """Save brain1's final label through the server with MONAI Label's client (the request of Slicer's Submit
+    Label: PUT /datastore/label?image=<SeriesInstanceUID>&tag=final) and fetch the SEG it stored in Orthanc."""
+    assert seg_series(orthanc, brain1_study) == []
+    client = MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path_factory.mktemp("client")))
+    client.save_label(series["brain1"], str(brain1_truth), tag="final")
+    [seg_uid] = seg_series(orthanc, brain1_study)
+    [seg] = DICOMwebClient(orthanc).retrieve_series(brain1_study, seg_uid)
+    return seg
+
+
+def test_a_final_label_is_stored_in_the_pacs_as_dicom_seg_on_the_series_grid(
+    saved_seg, series, sample_dicom, brain1_truth
+):
+    assert saved_seg.Modality == "SEG"
+    assert saved_seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series["brain1"]
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in saved_seg.SegmentSequence] == [(1, "lesion")]  # labels.py
+    decoded = pydicom_seg.MultiClassReader().read(saved_seg).image
+    reference = series_grid(sample_dicom / "brain1")
+    assert decoded.GetSize() == reference.GetSize()
+    np.testing.assert_allclose(decoded.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(decoded.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(decoded.GetDirection(), reference.GetDirection(), atol=1e-6)
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(brain1_truth)))
+    assert saved.sum() > 1000
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(decoded), saved)
+
+
+def test_ohif_raw_label_buffer_is_stored_as_a_seg_too(saved_seg, pacs_server, orthanc, series, brain1_truth):
+    """OHIF uploads its labelmap as `label.bin`: one uint8 per voxel of the series, x fastest. Saving again keeps
+    the earlier SEG (the PACS holds every version) and adds one."""
+    study_uid = saved_seg.StudyInstanceUID
+    before = set(seg_series(orthanc, study_uid))
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(brain1_truth)))
+    response = requests.put(
+        f"{pacs_server.url}/datastore/label",
+        params={"image": series["brain1"], "tag": "final"},
+        files={"label": ("label.bin", truth.tobytes()), "params": (None, json.dumps({"label_info": [{"name": "x"}]}))},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    [new_uid] = set(seg_series(orthanc, study_uid)) - before
+    [seg] = DICOMwebClient(orthanc).retrieve_series(study_uid, new_uid)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion"]  # the app's name, not the client's
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(pydicom_seg.MultiClassReader().read(seg).image), truth)
+
+
+def test_the_labelled_series_counts_as_labelled_and_its_seg_not_as_an_image(saved_seg, pacs_server, series):
+    stats = requests.get(f"{pacs_server.url}/datastore/", params={"output": "stats"}, timeout=60).json()
+    assert (stats["total"], stats["completed"]) == (len(series), 1)
+
+
+@pytest.mark.parametrize(
+    "name, detail",
+    [
+        ("wrong_size.nrrd", "not on the series' grid"),
+        ("shifted.nrrd", "origin"),
+        ("unknown_value.nrrd", "not in the app's label map"),
+        ("empty.nrrd", "empty"),
+        ("short.bin", "expected 1638400 bytes"),
+    ],
+)
+def test_a_label_that_does_not_fit_the_series_gets_422_and_stores_nothing(
+    pacs_server, orthanc, series, brain1_study, brain1_truth, tmp_path, name, detail
+):
+    truth = sitk.ReadImage(str(brain1_truth))
+    path = tmp_path / name
+    if name == "wrong_size.nrrd":
+        sitk.WriteImage(truth[:, :, 1:], str(path))
+    elif name == "shifted.nrrd":
+        truth.SetOrigin([o + 2.0 for o in truth.GetOrigin()])
+        sitk.WriteImage(truth, str(path))
+    elif name == "unknown_value.nrrd":
+        sitk.WriteImage(truth * 200, str(path))
+    elif name == "empty.nrrd":
+        sitk.WriteImage(truth * 0, str(path))
+    else:  # OHIF's raw buffer, one slice short
+        path.write_bytes(sitk.GetArrayFromImage(truth)[1:].tobytes())
+    before = seg_series(orthanc, brain1_study)
+    with open(path, "rb") as label:
+        response = requests.put(
+            f"{pacs_server.url}/datastore/label",
+            params={"image": series["brain1"], "tag": "final"},
+            files={"label": (name, label), "params": (None, "{}")},
+            timeout=60,
+        )
+    assert response.status_code == 422, response.text
+    assert detail in response.json()["detail"]
+    assert seg_series(orthanc, brain1_study) == before
+
+
+def test_a_fresh_server_trains_on_the_seg_in_the_pacs(saved_seg, orthanc, series, tmp_path):
+    """Training finds labels through the PACS: MONAI Label's datalist() lists its SEG series and follows each
+    one's ReferencedSeriesSequence. A server with an empty cache (not the one that saved the label) has to
+    download the SEG and decode it, so this is the path of a SEG from any other source too."""
+    env = {"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}", "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
+    options = {"epochs": 1, "val_split": 0, "crops_per_structure": 1, "batch_size": 1, "clicks": 2}
+    with MonaiLabelServer(orthanc, tmp_path / "server.log", env=env) as trainer:
+        response = requests.post(f"{trainer.url}/train/mais", params={"run_sync": "true"}, json=options, timeout=600)
+        assert response.status_code == 200, response.text + trainer.log()[-3000:]
+        stats = requests.get(f"{trainer.url}/info/", timeout=60).json()["train_stats"]["mais"]
+    assert stats["status"] == "done"
+    assert stats["train_images"] == [series["brain1"]]
+    assert stats["train_crops"] == 1  # the lesion, the one structure of brain1's label

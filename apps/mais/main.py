@@ -7,10 +7,11 @@ This file only wires tasks together; the model, sessions and clicks live in `lib
 import functools
 import logging
 import os
-import shutil
 import sys
 
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -20,6 +21,7 @@ from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.tasks import DisagreementScoring, MostUncertain
 from lib.configs.app_settings import AppConfigError, AppSettings
+from lib.datastore.dicomweb import MaisDICOMWebDatastore
 from lib.infers.mais import MaisInfer, ModelLoader
 from lib.model.build import WeightsError
 from lib.trainers.mais import MaisTrainer
@@ -55,11 +57,16 @@ class MaisApp(MONAILabelApp):
         )
         _warn_if_no_images(studies, self.datastore().list_images())
 
+    def init_datastore(self) -> Datastore:
+        datastore = super().init_datastore()
+        if type(datastore) is DICOMWebDatastore:  # --studies http(s)://.../dicom-web (not XNAT or DSA)
+            # final labels go to the PACS as DICOM SEG through pydicom-seg instead of dcmqi (lib/datastore)
+            return MaisDICOMWebDatastore.adopt(datastore, self.label_map)
+        return datastore
+
     def _download_dcmqi_tools(self) -> None:
         """MONAI Label downloads dcmqi from GitHub when it opens a DICOMweb datastore; offline that stops the
-        start. Nothing downloads here: saving a final label as DICOM SEG needs dcmqi's itkimage2segimage on PATH."""
-        if not shutil.which("itkimage2segimage"):
-            logger.warning("itkimage2segimage (dcmqi) is not on PATH: final labels cannot be stored as DICOM SEG")
+        start. This app needs no dcmqi: it writes DICOM SEG with pydicom-seg (lib/datastore/dicomweb.py)."""
 
     def init_infers(self) -> dict[str, InferTask]:
         return {"mais": MaisInfer(self.settings, self.label_map, self.model_loader)}

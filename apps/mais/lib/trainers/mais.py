@@ -39,7 +39,7 @@ from lib.infers.mais import ModelLoader
 from lib.model.build import atomic_write
 from lib.training.distributed import available_gpus, fit_distributed
 from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
-from lib.training.real_data import MAX_CROP_SHIFT, StructureCrop, split_by_image, structure_crops
+from lib.training.real_data import MAX_CROP_SHIFT, StructureCrop, image_id, split_by_image, structure_crops
 from lib.training.validation import ValidationResult
 
 logger = logging.getLogger(__name__)
@@ -294,5 +294,5 @@ def _alive(pid: int) -> bool:
 
 
 def _image_id(item: dict) -> str:
-    """The datastore id of a datalist item: its image file name without the extension(s)."""
-    return Path(item["image"]).name.split(".")[0]
+    """The datastore id of a datalist item (a local image name, or a DICOMweb SeriesInstanceUID)."""
+    return image_id(item["image"])

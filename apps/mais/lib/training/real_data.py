@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 MIN_STRUCTURE_VOXELS = 30
 # Training crops: the structure voxel lands anywhere in the central 2 * 40 = 80 voxels of the 128 of each axis.
 MAX_CROP_SHIFT = 40
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
 T = TypeVar("T")
 
@@ -54,7 +55,7 @@ def structure_crops(
     random voxel of its structure shifted by up to `max_shift` voxels per axis (0: centred, as validation is)."""
     image = ModelSpaceImage.from_file(str(image_path))
     labels = image.resample_label(load_volume(str(label_path)))
-    image_name = Path(image_path).name.split(".")[0]
+    image_name = image_id(image_path)
     crops = []
     for label_name, index in label_map.items():
         if index == 0 or label_name in exclude:
@@ -75,6 +76,13 @@ def structure_crops(
             )
     logger.info("%s: %d crops", image_name, len(crops))
     return crops
+
+
+def image_id(image_path: str | Path) -> str:
+    """The datastore id of an image file: its name without the volume extension. Not the name up to its first dot:
+    a DICOMweb datastore's images are `<SeriesInstanceUID>.nii.gz`, and UIDs are dotted."""
+    name = Path(image_path).name
+    return next((name.removesuffix(ext) for ext in VOLUME_EXTENSIONS if name.endswith(ext)), name)
 
 
 def split_by_image(items: Sequence[T], val_fraction: float, rng: np.random.Generator) -> tuple[list[T], list[T]]:
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     count = 0
     for image_path, label_path in labelled_images(args.studies):
-        if image_path.name.split(".")[0] in excluded_images:
+        if image_id(image_path) in excluded_images:
             continue
         crops = structure_crops(
             image_path, label_path, SAMPLE_LABELS, rng, args.crops_per_structure, exclude, args.max_shift
