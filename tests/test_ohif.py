@@ -78,7 +78,10 @@ def step(session: dict, name: str) -> dict:
     """One step's record; fails with the browser's error when the step (or an earlier one) did not pass."""
     record = session["steps"].get(name)
     assert record is not None, f"step {name!r} did not run; steps: {session['steps']}"
-    assert record["ok"], f"step {name!r} failed (screenshot in {session['out']}):\n{record['error']}"
+    errors = [m for m in session["console"] if m.startswith("error:")] + session["pageErrors"]
+    assert record["ok"], (
+        f"step {name!r} failed (screenshots in {session['out']}):\n{record['error']}\nbrowser errors: {errors}"
+    )
     return record
 
 
