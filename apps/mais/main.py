@@ -53,7 +53,10 @@ class MaisApp(MONAILabelApp):
             name="MAIS",
             description="Memory-Attention for Interactive Segmentation: 3D clicks that remember earlier clicks",
             version="0.1.0",
-            labels=self.label_map,
+            # /info's top-level `labels` is a list, ordered by index, as MONAI Label builds it for apps that pass
+            # none: OHIF's MONAI Label panel appends to it (`all_labels.push`) and fails to connect on a dict.
+            # The model's own `labels` in /info stay the {name: index} map.
+            labels=sorted(self.label_map, key=self.label_map.get),
         )
         _warn_if_no_images(studies, self.datastore().list_images())
 
