@@ -9,20 +9,31 @@ Every shape is an implicit function f (negative inside, about a distance in voxe
 `field_stride` times coarser than the volume and upsampled trilinearly: f is smooth, so this loses little, and it
 makes generation 8x cheaper. The target mask is f < 0 at full resolution; the image blends intensities with
 sigmoid(-f / edge_softness), a partial-volume edge. All randomness comes from a torch.Generator on the device.
+
+Held-out synthetic cases for `lib.evaluation.evaluate` (volumes drawn from a seed no training run uses):
+
+    cd apps/mais && python -m lib.training.synthetic --out /tmp/synthetic_cases --count 20 --seed 987654
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lib.imaging import CROP_SIZE, normalise_intensity
+from lib.imaging import CROP_SIZE, MODEL_SPACING_MM, normalise_intensity
+
+# The label name of every synthetic target, in the label map `write_cases` writes beside the cases.
+SYNTHETIC_LABEL = "object"
 
 
 @dataclass(frozen=True)
@@ -250,3 +261,41 @@ class _Draw:
 
     def noise_volume(self, shape: tuple[int, ...]) -> Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device)
+
+
+# ------------------------------------------------------------------------------------------- evaluation cases
+
+
+def write_cases(out: Path, count: int, seed: int, config: SyntheticConfig = SyntheticConfig()) -> Path:
+    """`count` synthetic samples as NIfTI files in a MONAI Label datastore layout (`out/synthetic_NNN.nii.gz`,
+    `out/labels/final/synthetic_NNN.nii.gz`) on 1.5 mm RAS voxels, the model's own space, and the label map
+    `out/labels.json` ({SYNTHETIC_LABEL: 1}); returns the label map's path. The images are written normalised:
+    `normalise_intensity` gives them back unchanged (it is idempotent), so the evaluation sees what training saw.
+    """
+    import nibabel as nib  # only this CLI writes files
+
+    (out / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    affine = np.diag([MODEL_SPACING_MM] * 3 + [1.0])
+    for index in range(count):
+        image, mask = synthetic_sample(generator, config)
+        name = f"synthetic_{index:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image[0].numpy(), affine), out / name)
+        nib.save(nib.Nifti1Image(mask[0].numpy().astype(np.uint8), affine), out / "labels" / "final" / name)
+    label_map = out / "labels.json"
+    label_map.write_text(json.dumps({"background": 0, SYNTHETIC_LABEL: 1}))
+    return label_map
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lib.training.synthetic", description=write_cases.__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--count", type=int, default=20)
+    # training runs seed their generators with small numbers (seed + 1, or (seed + 1) * 1000 + worker)
+    parser.add_argument("--seed", type=int, default=987654)
+    args = parser.parse_args(argv)
+    print(f"{args.count} cases in {args.out}; label map {write_cases(args.out, args.count, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()
