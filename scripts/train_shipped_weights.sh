@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Train and evaluate the shipped light weights and the memory comparison (docs/MODEL_CARD.md), one GPU per stage.
+# Train and evaluate the shipped light weights and the memory comparison (docs/MODEL_CARD.md,
+# benchmarks/results/memory_comparison/README.md has the calls that ran on the device tool's 4 x H100).
 #
 #   scripts/train_shipped_weights.sh data     WORK                     # training crops from sample-data's labels
 #   scripts/train_shipped_weights.sh stage1   WORK [BUDGET_S] [GPUS] [INIT]  # light encoder + whole network, memory
@@ -9,11 +10,11 @@
 #   scripts/train_shipped_weights.sh evaluate WORK OUT WEIGHTS...      # held-out structures, 10 clicks, 3 rules
 #   scripts/train_shipped_weights.sh export   WORK STAGE2_NAME         # -> WORK/mais_light.pt in fp16
 #
-# Every stage-2 run has the same budget (steps x batch) and starts from the same stage-1 network with a fresh
-# memory attention, so the modes differ only in their memory. A stage rerun with the same WORK resumes from its
+# Every stage-2 run has the same budget (steps x batch; a time budget cuts it short, so give runs equal GPUs) and
+# starts from the same stage-1 network with a fresh memory attention, so the modes differ only in their memory. A stage rerun with the same WORK resumes from its
 # checkpoint (fit's --resume). Seeds are fixed. Held out of all training, for evaluation: the structures in
 # HELD_OUT and the whole breast1 case (sample-data has no label for it; tests/data has its lesion). These are
-# also the structures the shipped weights of b92cd73 never saw, which the shipped stage 1 continues from.
+# also the structures the shipped weights of b92cd73 never saw, so a stage 1 may continue from them (INIT).
 set -euo pipefail
 stage=$1
 work=$(realpath -m "$2")
