@@ -26,7 +26,7 @@ from lib.configs.labels import SAMPLE_LABELS
 from lib.evaluation.interactive import CLICK_RULES, NOC_THRESHOLDS, StructureResult, evaluate_structure
 from lib.imaging import ModelSpaceImage, load_volume
 from lib.model.build import load_mais
-from lib.training.real_data import labelled_images
+from lib.training.real_data import image_id, labelled_images
 
 # Structures smaller than this many voxels in the label file are skipped (partial-volume remnants).
 MIN_VOXELS = 30
@@ -48,7 +48,7 @@ def cases(args) -> list[tuple[str, ModelSpaceImage, dict[str, np.ndarray]]]:
     label_map = json.loads(args.labels.read_text()) if args.labels else SAMPLE_LABELS
     result = []
     for image_path, label_path in pairs:
-        name = image_path.name.split(".")[0]
+        name = image_id(image_path)
         if wanted_images and name not in wanted_images:
             continue
         labels = np.asarray(load_volume(str(label_path))[0])
