@@ -145,6 +145,17 @@ def test_learning_rate_warms_up_then_decays_over_steps_or_time_budget_whichever_
     assert unbudgeted.apply(1000, elapsed_s=0.0) == pytest.approx(1e-4)
 
 
+def test_the_memory_attention_learns_at_its_own_scale_of_the_learning_rate():
+    model = tiny_model()
+    optimiser, schedule = make_optimiser(model, FitConfig(lr=1e-3, steps=100, warmup_steps=1, memory_lr_scale=10))
+    assert schedule.apply(0, elapsed_s=0.0) == pytest.approx(1e-3)
+    memory = {id(p) for p in model.memory_attention.parameters()}
+    rates = {id(p): group["lr"] for group in optimiser.param_groups for p in group["params"]}
+    assert memory and all(rates[i] == pytest.approx(1e-2) for i in memory)
+    assert all(rate == pytest.approx(1e-3) for i, rate in rates.items() if i not in memory)
+    assert len(rates) == sum(p.requires_grad for p in model.parameters())  # every trainable weight, once
+
+
 def test_a_trainable_encoder_gets_gradients_through_the_loop():
     model = tiny_model("none")
     images, masks = tiny_batch(1)
