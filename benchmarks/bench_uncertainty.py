@@ -26,7 +26,7 @@ from lib.clicks.simulator import interior_point  # noqa: E402
 from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
 from lib.imaging import CropWindow, ModelSpaceImage, load_volume  # noqa: E402
 from lib.model.build import load_mais  # noqa: E402
-from lib.training.real_data import StructureCrop, labelled_images  # noqa: E402
+from lib.training.real_data import StructureCrop, image_id, labelled_images  # noqa: E402
 from lib.training.validation import validate  # noqa: E402
 
 MIN_VOXELS = 30
@@ -54,7 +54,7 @@ def main() -> None:
             mask = window.extract(torch.from_numpy(structure)[None], fill=False)
             crop = StructureCrop(window.extract(image.volume, fill=image.pad_value), mask, name)
             dice = validate(model, [crop], num_clicks=1, step=0).dice_per_click[0]
-            rows.append((f"{image_path.name.split('.')[0]}:{name}", click_disagreement(model, image, point, 3), dice))
+            rows.append((f"{image_id(image_path)}:{name}", click_disagreement(model, image, point, 3), dice))
     print(f"{'structure':40s} disagreement  first-click Dice")
     for name, disagreement, dice in sorted(rows, key=lambda r: -r[1]):
         print(f"{name:40s} {disagreement:12.3f}  {dice:16.3f}")

@@ -471,9 +471,8 @@ def fit(
             if on_log is not None:
                 on_log(last_log)
         # the budget counts from the call (set-up included): it guards a wall-clock limit such as the device's
-        budget_used_s, next_step_ends_s = _slowest_process(
-            [time.monotonic() - fit_started, time.monotonic() - fit_started + slowest_step_s], device
-        )
+        now_s = time.monotonic() - fit_started
+        budget_used_s, next_step_ends_s = _slowest_process([now_s, now_s + slowest_step_s], device)
         out_of_time = config.time_budget_s is not None and next_step_ends_s > config.time_budget_s
         if validation is not None and (
             (config.validate_every and step % config.validate_every == 0) or step == config.steps or out_of_time
