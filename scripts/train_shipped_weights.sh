@@ -5,8 +5,9 @@
 #   scripts/train_shipped_weights.sh data     WORK                     # training crops from sample-data's labels
 #   scripts/train_shipped_weights.sh stage1   WORK [BUDGET_S] [GPUS] [INIT]  # light encoder + whole network, memory
 #                                                                      # none; batch 24 per GPU; from INIT if given
-#   scripts/train_shipped_weights.sh stage2   WORK MODE N DATA [BUDGET_S]  # encoder frozen, memory MODE, size N,
-#                                                                      # DATA = pairs (all) or pairs_small (30%)
+#   scripts/train_shipped_weights.sh stage2   WORK MODE N DATA [BUDGET_S] [MEMORY_LR_SCALE]
+#                                        # encoder frozen, memory MODE, size N, DATA = pairs (all) or pairs_small
+#                                        # (30%); the memory attention learns at MEMORY_LR_SCALE x lr (default 1)
 #   scripts/train_shipped_weights.sh evaluate WORK OUT WEIGHTS...      # held-out structures, 10 clicks, 3 rules
 #   scripts/train_shipped_weights.sh export   WORK STAGE2_NAME         # -> WORK/mais_light.pt in fp16
 #
@@ -20,7 +21,7 @@ stage=$1
 work=$(realpath -m "$2")
 shift 2
 HELD_OUT=amygdala_left,amygdala_right
-STAGE2_STEPS=400
+STAGE2_STEPS=1000
 PY=${PYTHON:-python3}
 caller_dir=$PWD  # paths given as arguments are relative to it
 cd "$(dirname "$0")/../apps/mais"
@@ -35,9 +36,9 @@ common=(--no-deterministic --log-every 25 --checkpoint-every 100 --seed 0)
 case $stage in
   data)
     $PY -m lib.training.real_data --studies ../../sample-data --out "$work/pairs" --crops-per-structure 8 \
-      --exclude "$HELD_OUT"
+      --zoomed-crops-per-structure 12 --exclude "$HELD_OUT"
     $PY -m lib.training.real_data --studies ../../sample-data --out "$work/pairs_small" --crops-per-structure 8 \
-      --exclude "$HELD_OUT" --structure-fraction 0.3
+      --zoomed-crops-per-structure 12 --exclude "$HELD_OUT" --structure-fraction 0.3
     ;;
   stage1)
     budget=${1:-540}
@@ -53,12 +54,14 @@ case $stage in
       $(resume_or_init "$work/stage1.pt" "${start[@]}")
     ;;
   stage2)
-    mode=$1 size=$2 data=$3 budget=${4:-540}
+    mode=$1 size=$2 data=$3 budget=${4:-540} memory_lr_scale=${5:-1}
     name=stage2_${mode}_n${size}_${data}
+    if [ "$memory_lr_scale" != 1 ]; then name=${name}_memlr${memory_lr_scale}; fi
     # shellcheck disable=SC2046
     $PY -m lib.training.fit --out "$work/$name.pt" --freeze-encoder --memory-mode "$mode" --memory-size "$size" \
-      --steps $STAGE2_STEPS --batch-size 16 --clicks 10 --lr 2e-4 --warmup-steps 20 --ce-weight 1.0 \
-      --data-dir "$work/$data" --synthetic-fraction 0.5 --synthetic-workers 6 --time-budget-s "$budget" \
+      --steps $STAGE2_STEPS --batch-size 16 --clicks 10 --lr 2e-4 --memory-lr-scale "$memory_lr_scale" \
+      --warmup-steps 20 --ce-weight 1.0 --data-dir "$work/$data" --synthetic-fraction 0.5 --synthetic-workers 12 \
+      --time-budget-s "$budget" \
       "${common[@]}" $(resume_or_init "$work/$name.pt" --init "$work/stage1.pt" --fresh-memory)
     ;;
   evaluate)

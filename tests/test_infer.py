@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import requests
 
-from clicking import dice, interior_voxel, load, slicer_click
-from server import SAMPLE_DATA, MonaiLabelServer
+from clicking import dice, dice_per_click, interior_voxel, load, slicer_click
+from server import REPO_ROOT, SAMPLE_DATA, MonaiLabelServer
 
 LESION = 1
 
@@ -59,6 +59,17 @@ def test_slicer_sequence_returns_masks_on_the_original_grid(server, brain1_lesio
     # brain1's lesion is in the shipped weights' training data: the mask must cover it, not just contain a voxel.
     label, _ = load(SAMPLE_DATA / "labels" / "final" / "brain1.nrrd")
     assert dice(mask == LESION, label == LESION) > 0.8
+
+
+def test_a_small_image_held_out_of_training_gets_its_lesion(server):
+    """breast1 (a 30 x 80 x 44 mm crop, never trained on) is resampled to 0.375 mm instead of 1.5 mm: there its
+    6 mm lesion was one cell of the decoder's grid and the mask the whole image block (Dice 0.000 with the weights
+    of b92cd73). An annotator's first click in its deepest voxel now gets the lesion (issue 6 asks Dice >= 0.7;
+    measured 0.721), and the next clicks keep it (measured down to 0.609 at click 5: they do not yet refine it)."""
+    truth = load(REPO_ROOT / "tests" / "data" / "breast1_lesion_label.nii.gz")[0] == LESION
+    scores = dice_per_click(server.url, "small-image", "breast1", "lesion", truth, clicks=5)
+    assert scores[0] >= 0.7, scores
+    assert min(scores) > 0.55, scores
 
 
 def test_ohif_request_without_label_key(server):

@@ -6,6 +6,12 @@ of the ORIGINAL file (i = fastest axis, MONAI's array order before any reorienta
 real affines, never by flipping indices, so they land right on non-RAS and anisotropic images (MONAI Label
 issue #1407). Results are resampled back onto the exact original grid.
 
+A small image is seen finer: an image whose field of view is at most half a 1.5 mm window along every axis (a
+cropped region such as breast1, 30 x 80 x 44 mm) would fill under 1/8 of the window, the rest padding, and its
+lesions would be one or two of the mask decoder's 6 mm cells (measured: the breast1 lesion got Dice 0.004, the
+mask being the whole image block). Such an image is resampled to FINE_SPACING_MM voxels instead
+(`model_spacing_mm`). Training sees that scale through `ModelSpaceImage.zoomed` crops of small structures.
+
 Training and inference share `normalise_intensity`, `CropWindow` and the model-space constants.
 """
 
@@ -16,11 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, Orientation, Spacing, SpatialResample
+from monai.transforms import LoadImage, Orientation, Spacing, SpatialCrop, SpatialResample
 from torch import Tensor
 
 MODEL_SPACING_MM = 1.5
 CROP_SIZE = 128
+# The model space of small images: 4x finer, so that one cell of the mask decoder's 32^3 output grid (4 voxels)
+# is one 1.5 mm voxel and a 6 mm lesion spans 4 cells instead of one; a window covers 48 mm.
+FINE_SPACING_MM = MODEL_SPACING_MM / 4
+# Images no larger than this along every axis (half a 1.5 mm window) are small (module docstring).
+SMALL_IMAGE_MM = CROP_SIZE * MODEL_SPACING_MM / 2
 # A click closer than this to a crop face (model voxels) gets a crop centred on it instead: the network sees
 # too little context around a click at the very edge of its window.
 CROP_MARGIN = 16
@@ -51,15 +62,48 @@ def load_volume(path: str) -> MetaTensor:
     return volume
 
 
-def normalise_intensity(volume: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class IntensityNormalisation:
     """SAM-Med3D's normalisation: clamp CT to [-1000, 1000] HU, then z-normalise with the statistics of the
-    voxels brighter than the volume mean (the body, not the surrounding air). volume: [..., X, Y, Z] float."""
-    if volume.min() < CT_DETECTION_HU:
-        volume = volume.clamp(*CT_CLAMP_HU)
-    foreground = volume[volume > volume.mean()]
-    if foreground.numel() < 2:
-        foreground = volume.flatten()
-    return (volume - foreground.mean()) / foreground.std().clamp_min(1e-6)
+    voxels brighter than the volume mean (the body, not the surrounding air).
+
+    Measured once on a whole image (`of`) and applied to any view of it, so that a zoomed view of a lesion is
+    scaled like the whole image the network learnt from, not by the lesion's own statistics. mean, std: 0-d.
+    """
+
+    clamp_ct: bool
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def of(cls, volume: Tensor) -> IntensityNormalisation:
+        """The normalisation of volume [..., X, Y, Z] float."""
+        clamp_ct = bool(volume.min() < CT_DETECTION_HU)
+        if clamp_ct:
+            volume = volume.clamp(*CT_CLAMP_HU)
+        foreground = volume[volume > volume.mean()]
+        if foreground.numel() < 2:
+            foreground = volume.flatten()
+        return cls(clamp_ct, foreground.mean(), foreground.std().clamp_min(1e-6))
+
+    def __call__(self, volume: Tensor) -> Tensor:
+        if self.clamp_ct:
+            volume = volume.clamp(*CT_CLAMP_HU)
+        return (volume - self.mean) / self.std
+
+
+def normalise_intensity(volume: Tensor) -> Tensor:
+    """volume [..., X, Y, Z] float normalised by its own statistics (`IntensityNormalisation`)."""
+    return IntensityNormalisation.of(volume)(volume)
+
+
+def model_spacing_mm(original: MetaTensor) -> float:
+    """The model space's voxel size for an image [1, I, J, K]: FINE_SPACING_MM for a small image, else 1.5 mm."""
+    affine = original.affine.double().numpy()
+    corners = np.array(np.meshgrid(*[[0, size - 1] for size in original.shape[1:]], indexing="ij")).reshape(3, -1).T
+    corners_mm = (np.c_[corners, np.ones(len(corners))] @ affine.T)[:, :3]
+    extent_mm = np.ptp(corners_mm, axis=0) + np.abs(affine[:3, :3]).sum(1)  # centre to centre, plus one voxel
+    return FINE_SPACING_MM if np.all(extent_mm <= SMALL_IMAGE_MM) else MODEL_SPACING_MM
 
 
 @dataclass(frozen=True)
@@ -118,17 +162,33 @@ class CropWindow:
 class ModelSpaceImage:
     """One image in model space, with what is needed to map clicks in and masks out.
 
-    volume: [1, X, Y, Z] float32, RAS, 1.5 mm, normalised. original_shape: (I, J, K) of the file.
+    volume: [1, X, Y, Z] float32, RAS, `spacing_mm` voxels (1.5 mm, FINE_SPACING_MM for a small image or a zoomed
+    view), normalised. original_shape: (I, J, K) of the file. A zoomed view covers only a region of the file, but
+    maps clicks and masks from and to the whole file's grid like the full view.
     """
 
-    def __init__(self, original: MetaTensor):
+    def __init__(
+        self,
+        original: MetaTensor,
+        spacing_mm: float | None = None,
+        region: tuple[np.ndarray, np.ndarray] | None = None,
+        intensity: IntensityNormalisation | None = None,
+    ):
+        """original [1, I, J, K] from `load_volume`. spacing_mm: default `model_spacing_mm(original)`. region: the
+        [lo, hi) box of original voxels to resample (default: all). intensity: the normalisation to apply
+        (default: measured on this volume)."""
+        spacing_mm = spacing_mm if spacing_mm is not None else model_spacing_mm(original)
         self.original_shape: tuple[int, int, int] = tuple(int(s) for s in original.shape[1:])
         self.original_affine = original.affine.double().clone()
-        resampled = Spacing(pixdim=(MODEL_SPACING_MM,) * 3, mode="bilinear")(
-            Orientation(axcodes="RAS", labels=RAS_LABELS)(original)
+        self.spacing_mm = spacing_mm
+        source = original if region is None else SpatialCrop(roi_start=region[0], roi_end=region[1])(original)
+        resampled = Spacing(pixdim=(spacing_mm,) * 3, mode="bilinear")(
+            Orientation(axcodes="RAS", labels=RAS_LABELS)(source)
         )
         self.affine = resampled.affine.double().clone()
-        self.volume: Tensor = normalise_intensity(resampled.as_tensor().float()).contiguous()
+        raw = resampled.as_tensor().float()
+        self.intensity = intensity if intensity is not None else IntensityNormalisation.of(raw)
+        self.volume: Tensor = self.intensity(raw).contiguous()
         self.pad_value = float(self.volume.min())
         # original voxel index <-> model voxel index, homogeneous [4, 4]
         self._original_to_model = torch.linalg.inv(self.affine) @ self.original_affine
@@ -145,6 +205,24 @@ class ModelSpaceImage:
     @property
     def nbytes(self) -> int:
         return self.volume.numel() * self.volume.element_size()
+
+    def zoomed(
+        self, original: MetaTensor, original_point: np.ndarray, spacing_mm: float = FINE_SPACING_MM
+    ) -> ModelSpaceImage:
+        """A view of one window of `spacing_mm` voxels centred on `original_point` [3] (original voxel indices),
+        resampled from `original` (the file this image was made from, at its own resolution) and normalised like
+        this image."""
+        half_mm = CROP_SIZE * spacing_mm / 2
+        centre_world = self.original_affine.numpy() @ np.append(np.asarray(original_point, dtype=np.float64), 1.0)
+        corners = np.array(np.meshgrid(*[[-half_mm, half_mm]] * 3, indexing="ij")).reshape(3, -1).T
+        corners_world = np.c_[corners + centre_world[:3], np.ones(len(corners))]
+        corners_original = (corners_world @ np.linalg.inv(self.original_affine.numpy()).T)[:, :3]
+        # one voxel more on each side: the bilinear resampling needs its neighbours at the faces
+        lo = np.clip(np.floor(corners_original.min(0)).astype(int) - 1, 0, self.original_shape)
+        hi = np.clip(np.ceil(corners_original.max(0)).astype(int) + 2, 0, self.original_shape)
+        view = ModelSpaceImage(original, spacing_mm, (lo, hi), self.intensity)
+        view.pad_value = self.pad_value  # beyond the file the view shows what the full image shows there
+        return view
 
     def to_model_voxels(self, original_ijk: np.ndarray) -> np.ndarray:
         """Original-file voxel indices [N, 3] -> model-space voxel coordinates [N, 3] float (not rounded)."""

@@ -5,6 +5,11 @@ around a voxel of the structure. Training crops are shifted off that voxel by up
 windows centred on their structure teach a model to segment whatever lies at the centre and to ignore where the
 clicks are (measured: clicks off the centre of such a crop got the centre's structure), and at inference only
 the first click's window is centred on it, later clicks and neighbouring windows are not.
+
+Small structures (under ZOOM_TRAINING_MAX_MM along every axis) also get crops in a zoomed view
+(`ModelSpaceImage.zoomed`, FINE_SPACING_MM voxels around a voxel of the structure): the scale a small image is
+segmented at (lib/imaging.py), so the network learns what a lesion looks like four times finer, resampled from
+thick slices.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lib.imaging import CropWindow, ModelSpaceImage, load_volume
+from lib.imaging import MODEL_SPACING_MM, CropWindow, ModelSpaceImage, load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,10 @@ logger = logging.getLogger(__name__)
 MIN_STRUCTURE_VOXELS = 30
 # Training crops: the structure voxel lands anywhere in the central 2 * 40 = 80 voxels of the 128 of each axis.
 MAX_CROP_SHIFT = 40
+# Zoomed crops: structures whose whole extent fits in 3/4 of a zoomed window (48 mm), so that they are seen whole
+# with context around them, as a lesion in a small image is; the window stays near its structure voxel.
+ZOOM_TRAINING_MAX_MM = 36.0
+MAX_ZOOMED_SHIFT = 8
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
 T = TypeVar("T")
@@ -50,11 +59,15 @@ def structure_crops(
     crops_per_structure: int = 1,
     exclude: frozenset[str] = frozenset(),
     max_shift: int = MAX_CROP_SHIFT,
+    zoomed_crops_per_structure: int = 0,
 ) -> list[StructureCrop]:
     """Crops of every labelled structure of one image (labels named in `exclude` are left out), each around a
-    random voxel of its structure shifted by up to `max_shift` voxels per axis (0: centred, as validation is)."""
-    image = ModelSpaceImage.from_file(str(image_path))
-    labels = image.resample_label(load_volume(str(label_path)))
+    random voxel of its structure shifted by up to `max_shift` voxels per axis (0: centred, as validation is),
+    plus `zoomed_crops_per_structure` zoomed crops of each small structure (module docstring)."""
+    original = load_volume(str(image_path))
+    image = ModelSpaceImage(original)
+    original_labels = load_volume(str(label_path))
+    labels = image.resample_label(original_labels)
     image_name = image_id(image_path)
     crops = []
     for label_name, index in label_map.items():
@@ -74,8 +87,28 @@ def structure_crops(
                     name=f"{image_name}:{label_name}",
                 )
             )
+        extent_mm = (voxels.max(0).values - voxels.min(0).values + 1).numpy() * MODEL_SPACING_MM
+        if zoomed_crops_per_structure and np.all(extent_mm <= ZOOM_TRAINING_MAX_MM):
+            original_voxels = torch.nonzero(original_labels[0] == index).numpy()
+            for _ in range(zoomed_crops_per_structure):
+                point = original_voxels[rng.integers(len(original_voxels))]
+                view = image.zoomed(original, point)
+                crops.append(_zoomed_crop(view, original_labels, index, point, rng, f"{image_name}:{label_name}"))
     logger.info("%s: %d crops", image_name, len(crops))
     return crops
+
+
+def _zoomed_crop(
+    view: ModelSpaceImage, original_labels: Tensor, index: int, point: np.ndarray, rng: np.random.Generator, name: str
+) -> StructureCrop:
+    """A crop of label `index` in the zoomed `view` around original voxel `point` [3], shifted by up to
+    MAX_ZOOMED_SHIFT fine voxels."""
+    centre = view.to_model_voxels(point[None])[0] + rng.integers(-MAX_ZOOMED_SHIFT, MAX_ZOOMED_SHIFT + 1, size=3)
+    window = CropWindow.around(centre, view.shape)
+    structure = view.resample_label(original_labels) == index
+    return StructureCrop(
+        volume=window.extract(view.volume, fill=view.pad_value), mask=window.extract(structure, fill=False), name=name
+    )
 
 
 def image_id(image_path: str | Path) -> str:
@@ -119,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exclude-images", default="", help="comma-separated image names held out of training")
     parser.add_argument("--max-shift", type=int, default=MAX_CROP_SHIFT, help="crop offset from the structure")
     parser.add_argument(
+        "--zoomed-crops-per-structure", type=int, default=0, help="crops in the zoomed view of each small structure"
+    )
+    parser.add_argument(
         "--structure-fraction", type=float, default=1.0, help="keep this seeded share of the structures (small data)"
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -138,7 +174,14 @@ def main(argv: list[str] | None = None) -> None:
         if image_id(image_path) in excluded_images:
             continue
         crops = structure_crops(
-            image_path, label_path, SAMPLE_LABELS, rng, args.crops_per_structure, exclude, args.max_shift
+            image_path,
+            label_path,
+            SAMPLE_LABELS,
+            rng,
+            args.crops_per_structure,
+            exclude,
+            args.max_shift,
+            args.zoomed_crops_per_structure,
         )
         for crop in crops:
             save_training_pair(args.out / f"{crop.name.replace(':', '_')}_{count:04d}.pt", crop.volume, crop.mask)

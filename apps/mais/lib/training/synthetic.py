@@ -52,6 +52,10 @@ class SyntheticConfig:
     texture_range: tuple[float, float] = (0.0, 0.25)  # smooth intensity variation inside each object
     bias_range: tuple[float, float] = (0.0, 0.5)  # amplitude of the log bias field
     edge_softness_range: tuple[float, float] = (0.3, 1.2)  # voxels
+    # A volume seen at a lower resolution and interpolated back, as thick slices are (and the session's zoomed
+    # view of a small object is, 4x finer than most files): share of samples, and the factor per coarse axis.
+    low_resolution_probability: float = 0.3
+    low_resolution_factor_range: tuple[float, float] = (1.5, 5.0)
     min_target_voxels: int = 30
 
     def __post_init__(self) -> None:
@@ -93,6 +97,8 @@ def synthetic_sample(generator: torch.Generator, config: SyntheticConfig = Synth
 
     image = image * torch.exp(draw.uniform(*config.bias_range) * _smooth_noise(draw, config.size, cells=3))
     image = image + draw.uniform(*config.noise_range) * draw.noise_volume((config.size,) * 3)
+    if draw.uniform() < config.low_resolution_probability:
+        image = _low_resolution(image, draw, config)
     return normalise_intensity(image)[None], mask[None]
 
 
@@ -197,6 +203,15 @@ def _paint(image: Tensor, field: Tensor, draw: _Draw, config: SyntheticConfig) -
     texture = 1.0 + draw.uniform(*config.texture_range) * _smooth_noise(draw, config.size, cells=8)
     occupancy = torch.sigmoid(-field / draw.uniform(*config.edge_softness_range))
     return image * (1.0 - occupancy) + level * texture * occupancy
+
+
+def _low_resolution(image: Tensor, draw: _Draw, config: SyntheticConfig) -> Tensor:
+    """image [S, S, S] averaged down along one axis (thick slices) or all three, then trilinearly back up."""
+    factor = draw.uniform(*config.low_resolution_factor_range)
+    axes = range(3) if draw.uniform() < 0.5 else [draw.integer(0, 3)]
+    coarse = [max(2, round(config.size / factor)) if axis in axes else config.size for axis in range(3)]
+    low = F.interpolate(image[None, None], size=coarse, mode="area")
+    return F.interpolate(low, size=(config.size,) * 3, mode="trilinear", align_corners=False)[0, 0]
 
 
 # ---------------------------------------------------------------------------------------------------- fields

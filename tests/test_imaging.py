@@ -1,0 +1,83 @@
+"""Model space on real files (CPU, no model): small images are seen at 0.375 mm, and a zoomed view (the training
+crops of small structures) maps clicks in and masks out through the whole file's grid, as the full view does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lib.imaging import CROP_SIZE, FINE_SPACING_MM, MODEL_SPACING_MM, ModelSpaceImage, load_volume
+from server import SAMPLE_DATA
+
+CLICK = np.array([[120.0, 140.0, 12.0]])  # original voxel indices of brain1 (0.78 x 0.78 x 6.5 mm, LPS)
+
+
+@pytest.fixture(scope="module")
+def original():
+    return load_volume(str(SAMPLE_DATA / "brain1.nrrd"))
+
+
+@pytest.fixture(scope="module")
+def image(original):
+    return ModelSpaceImage(original)
+
+
+@pytest.fixture(scope="module")
+def view(image, original):
+    return image.zoomed(original, CLICK[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "spacing_mm"),
+    [("breast1.nii.gz", FINE_SPACING_MM), ("brain1.nrrd", MODEL_SPACING_MM), ("lung1.nii.gz", MODEL_SPACING_MM)],
+)
+def test_only_a_small_image_is_seen_at_the_fine_spacing(name, spacing_mm):
+    """breast1 is 30 x 80 x 44 mm, under half a 192 mm window along every axis; brain1 and lung1 are not."""
+    image = ModelSpaceImage.from_file(str(SAMPLE_DATA / name))
+    assert image.spacing_mm == spacing_mm
+    assert np.allclose(np.abs(np.diag(image.affine.numpy())[:3]), spacing_mm)
+
+
+def world(affine: torch.Tensor, voxels: np.ndarray) -> np.ndarray:
+    return (np.c_[voxels, np.ones(len(voxels))] @ affine.numpy().T)[:, :3]
+
+
+def test_the_zoomed_view_is_one_fine_window_centred_on_the_click(image, view):
+    assert view.spacing_mm == FINE_SPACING_MM == MODEL_SPACING_MM / 4
+    assert np.allclose(np.abs(np.diag(view.affine.numpy())[:3]), FINE_SPACING_MM)
+    point = view.to_model_voxels(CLICK)
+    # the window around the click (48 mm), plus at most the original voxels the interpolation needs at its faces
+    original_spacing = np.abs(np.diag(image.original_affine.numpy())[:3])  # brain1's axes are the RAS axes
+    most = CROP_SIZE + 3 * original_spacing / FINE_SPACING_MM
+    assert np.all(np.asarray(view.shape) >= CROP_SIZE) and np.all(view.shape <= most), (view.shape, most)
+    assert np.all(np.abs(point[0] - np.asarray(view.shape) / 2) < 20), (point, view.shape)
+    assert np.allclose(world(view.affine, point), world(image.original_affine, CLICK), atol=1e-3)
+    assert view.original_shape == image.original_shape
+
+
+def test_the_zoomed_view_is_normalised_like_the_whole_image(image, view):
+    assert view.intensity is image.intensity
+    # the same anatomy at the click: the fine voxel equals the full view's voxel at that world point, within the
+    # difference of two linear interpolations of the same file
+    fine = view.volume[(0, *np.round(view.to_model_voxels(CLICK)[0]).astype(int))]
+    coarse = image.volume[(0, *np.round(image.to_model_voxels(CLICK)[0]).astype(int))]
+    assert abs(float(fine) - float(coarse)) < 0.5, (float(fine), float(coarse))
+    assert view.pad_value == image.pad_value
+
+
+def test_a_mask_in_the_zoomed_view_lands_on_the_original_voxels_of_the_same_place(image, view):
+    radius_mm = 8.0
+    centre = world(image.original_affine, CLICK)[0]
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in view.shape], indexing="ij"), -1).reshape(-1, 3)
+    inside = np.linalg.norm(world(view.affine, grid) - centre, axis=1) < radius_mm
+    logits = torch.where(torch.from_numpy(inside.reshape(view.shape)), 10.0, -20.0)[None]
+
+    box, mask = view.to_original_grid(logits, np.zeros(3, dtype=int), np.asarray(view.shape))
+    on_original = np.zeros(image.original_shape, dtype=bool)
+    on_original[box] = mask
+    original_grid = np.stack(np.meshgrid(*[np.arange(s) for s in image.original_shape], indexing="ij"), -1)
+    expected = np.linalg.norm(world(image.original_affine, original_grid.reshape(-1, 3)) - centre, axis=1) < radius_mm
+    expected = expected.reshape(image.original_shape)
+    overlap = 2 * (on_original & expected).sum() / (on_original.sum() + expected.sum())
+    assert expected.sum() > 100 and overlap > 0.95, (expected.sum(), on_original.sum(), overlap)
