@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train and evaluate the shipped light weights and the memory comparison (docs/MODEL_CARD.md,
-# benchmarks/results/memory_comparison/README.md has the calls that ran on the device tool's 4 x H100).
+# benchmarks/results/memory_comparison/README.md has the calls that ran on the device tool).
 #
 #   scripts/train_shipped_weights.sh data     WORK                     # training crops from sample-data's labels
 #   scripts/train_shipped_weights.sh stage1   WORK [BUDGET_S] [GPUS] [INIT]  # light encoder + whole network, memory

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lib.imaging import MODEL_SPACING_MM, CropWindow, ModelSpaceImage, load_volume
+from lib.imaging import CropWindow, ModelSpaceImage, load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def structure_crops(
                     name=f"{image_name}:{label_name}",
                 )
             )
-        extent_mm = (voxels.max(0).values - voxels.min(0).values + 1).numpy() * MODEL_SPACING_MM
+        extent_mm = (voxels.max(0).values - voxels.min(0).values + 1).numpy() * image.spacing_mm
         if zoomed_crops_per_structure and np.all(extent_mm <= ZOOM_TRAINING_MAX_MM):
             original_voxels = torch.nonzero(original_labels[0] == index).numpy()
             for _ in range(zoomed_crops_per_structure):
