@@ -52,8 +52,8 @@ class SyntheticConfig:
     texture_range: tuple[float, float] = (0.0, 0.25)  # smooth intensity variation inside each object
     bias_range: tuple[float, float] = (0.0, 0.5)  # amplitude of the log bias field
     edge_softness_range: tuple[float, float] = (0.3, 1.2)  # voxels
-    # A volume seen at a lower resolution and interpolated back, as thick slices are (and the session's zoomed
-    # view of a small object is, 4x finer than most files): share of samples, and the factor per coarse axis.
+    # A volume seen at a lower resolution and interpolated back, as thick slices are, and as a small image is at
+    # the 0.375 mm model space (lib/imaging.py): share of samples, and the factor per coarse axis.
     low_resolution_probability: float = 0.3
     low_resolution_factor_range: tuple[float, float] = (1.5, 5.0)
     min_target_voxels: int = 30
