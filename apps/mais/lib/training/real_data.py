@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lib.imaging import CropWindow, ModelSpaceImage, load_volume
+from lib.imaging import MODEL_SPACING_MM, CropWindow, ModelSpaceImage, load_volume
 
 logger = logging.getLogger(__name__)
 
-# Structures smaller than this in model space (1.5 mm voxels; 30 voxels ~ 0.1 ml) are mostly partial-volume
-# noise of a resampled label: skipped.
-MIN_STRUCTURE_VOXELS = 30
+# Structures smaller than this (30 voxels of 1.5 mm, ~0.1 ml) are mostly partial-volume noise of a resampled
+# label: skipped. A volume, not a voxel count, so that it means the same in a small image's 0.375 mm model space.
+MIN_STRUCTURE_MM3 = 30 * MODEL_SPACING_MM**3
 # Training crops: the structure voxel lands anywhere in the central 2 * 40 = 80 voxels of the 128 of each axis.
 MAX_CROP_SHIFT = 40
 # Zoomed crops: structures whose whole extent fits in 3/4 of a zoomed window (48 mm), so that they are seen whole
@@ -75,7 +75,7 @@ def structure_crops(
             continue
         structure = labels == index
         voxels = torch.nonzero(structure[0])
-        if len(voxels) < MIN_STRUCTURE_VOXELS:
+        if len(voxels) * image.spacing_mm**3 < MIN_STRUCTURE_MM3:
             continue
         for _ in range(crops_per_structure):
             centre = voxels[rng.integers(len(voxels))].numpy() + rng.integers(-max_shift, max_shift + 1, size=3)
