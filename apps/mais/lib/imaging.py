@@ -100,10 +100,19 @@ def normalise_intensity(volume: Tensor) -> Tensor:
 def model_spacing_mm(original: MetaTensor) -> float:
     """The model space's voxel size for an image [1, I, J, K]: FINE_SPACING_MM for a small image, else 1.5 mm."""
     affine = original.affine.double().numpy()
-    corners = np.array(np.meshgrid(*[[0, size - 1] for size in original.shape[1:]], indexing="ij")).reshape(3, -1).T
-    corners_mm = (np.c_[corners, np.ones(len(corners))] @ affine.T)[:, :3]
+    corners_mm = _transform(affine, _box_corners(np.zeros(3), np.asarray(original.shape[1:]) - 1))
     extent_mm = np.ptp(corners_mm, axis=0) + np.abs(affine[:3, :3]).sum(1)  # centre to centre, plus one voxel
     return FINE_SPACING_MM if np.all(extent_mm <= SMALL_IMAGE_MM) else MODEL_SPACING_MM
+
+
+def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The 8 corners [8, 3] of the axis-aligned box from `lo` [3] to `hi` [3] (both included)."""
+    return np.array(np.meshgrid(*zip(lo, hi), indexing="ij")).reshape(3, -1).T
+
+
+def _transform(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """points [N, 3] through the homogeneous affine [4, 4] -> [N, 3] float64."""
+    return np.asarray(points, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
 
 
 @dataclass(frozen=True)
@@ -212,11 +221,10 @@ class ModelSpaceImage:
         """A view of one window of `spacing_mm` voxels centred on `original_point` [3] (original voxel indices),
         resampled from `original` (the file this image was made from, at its own resolution) and normalised like
         this image."""
-        half_mm = CROP_SIZE * spacing_mm / 2
-        centre_world = self.original_affine.numpy() @ np.append(np.asarray(original_point, dtype=np.float64), 1.0)
-        corners = np.array(np.meshgrid(*[[-half_mm, half_mm]] * 3, indexing="ij")).reshape(3, -1).T
-        corners_world = np.c_[corners + centre_world[:3], np.ones(len(corners))]
-        corners_original = (corners_world @ np.linalg.inv(self.original_affine.numpy()).T)[:, :3]
+        half_mm = np.full(3, CROP_SIZE * spacing_mm / 2)
+        centre_world = _transform(self.original_affine.numpy(), np.asarray(original_point)[None])[0]
+        corners_world = _box_corners(centre_world - half_mm, centre_world + half_mm)
+        corners_original = _transform(np.linalg.inv(self.original_affine.numpy()), corners_world)
         # one voxel more on each side: the bilinear resampling needs its neighbours at the faces
         lo = np.clip(np.floor(corners_original.min(0)).astype(int) - 1, 0, self.original_shape)
         hi = np.clip(np.ceil(corners_original.max(0)).astype(int) + 2, 0, self.original_shape)
@@ -226,8 +234,7 @@ class ModelSpaceImage:
 
     def to_model_voxels(self, original_ijk: np.ndarray) -> np.ndarray:
         """Original-file voxel indices [N, 3] -> model-space voxel coordinates [N, 3] float (not rounded)."""
-        ijk1 = np.concatenate([np.asarray(original_ijk, dtype=np.float64), np.ones((len(original_ijk), 1))], 1)
-        return (ijk1 @ self._original_to_model.numpy().T)[:, :3]
+        return _transform(self._original_to_model.numpy(), original_ijk)
 
     def resample_label(self, label: MetaTensor) -> Tensor:
         """A label map on the original grid [1, I, J, K] -> the same labels on the model grid [1, X, Y, Z] (int)."""
@@ -245,8 +252,7 @@ class ModelSpaceImage:
         box; the caller pastes them into the full mask. Resampling only where a click can have changed the mask
         keeps a later click cheap (the whole window's footprint on Colin27 took 0.35 s on 2 CPU cores).
         """
-        corners = np.array(np.meshgrid(*zip(model_lo, np.asarray(model_hi) - 1), indexing="ij")).reshape(3, -1).T
-        corners_original = (np.c_[corners, np.ones(len(corners))] @ self._model_to_original.numpy().T)[:, :3]
+        corners_original = _transform(self._model_to_original.numpy(), _box_corners(model_lo, np.asarray(model_hi) - 1))
         lo = np.clip(np.floor(corners_original.min(0)).astype(int), 0, self.original_shape)
         hi = np.clip(np.ceil(corners_original.max(0)).astype(int) + 1, 0, self.original_shape)
         box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
