@@ -5,9 +5,11 @@
 #   scripts/train_shipped_weights.sh data     WORK                     # training crops from sample-data's labels
 #   scripts/train_shipped_weights.sh stage1   WORK [BUDGET_S] [GPUS] [INIT]  # light encoder + whole network, memory
 #                                                                      # none; batch 24 per GPU; from INIT if given
-#   scripts/train_shipped_weights.sh stage2   WORK MODE N DATA [BUDGET_S] [MEMORY_LR_SCALE]
+#   scripts/train_shipped_weights.sh stage2   WORK MODE N DATA [BUDGET_S] [MEMORY_LR_SCALE] [PROMPT_CLICKS]
 #                                        # encoder frozen, memory MODE, size N, DATA = pairs (all) or pairs_small
-#                                        # (30%); the memory attention learns at MEMORY_LR_SCALE x lr (default 1)
+#                                        # (30%); the memory attention learns at MEMORY_LR_SCALE x lr (default 1);
+#                                        # PROMPT_CLICKS all (default) or latest (MaisConfig.prompt_clicks);
+#                                        # SEED=N in the environment repeats a run with another seed
 #   scripts/train_shipped_weights.sh evaluate WORK OUT WEIGHTS...      # held-out structures, 10 clicks, 3 rules
 #   scripts/train_shipped_weights.sh export   WORK STAGE2_NAME         # -> WORK/mais_light.pt in fp16
 #
@@ -32,7 +34,8 @@ resume_or_init() {  # continue a stage that already checkpointed, else start it 
   if [ -f "$1.state.pt" ]; then echo --resume "$1.state.pt"; else echo "${@:2}"; fi
 }
 
-common=(--no-deterministic --log-every 25 --checkpoint-every 100 --seed 0)
+SEED=${SEED:-0}  # another seed repeats a stage-2 run to measure the spread between runs (name suffix _seed<N>)
+common=(--no-deterministic --log-every 25 --checkpoint-every 100 --seed "$SEED")
 case $stage in
   data)
     $PY -m lib.training.real_data --studies ../../sample-data --out "$work/pairs" --crops-per-structure 8 \
@@ -54,12 +57,15 @@ case $stage in
       $(resume_or_init "$work/stage1.pt" "${start[@]}")
     ;;
   stage2)
-    mode=$1 size=$2 data=$3 budget=${4:-540} memory_lr_scale=${5:-1}
+    mode=$1 size=$2 data=$3 budget=${4:-540} memory_lr_scale=${5:-1} prompt_clicks=${6:-all}
     name=stage2_${mode}_n${size}_${data}
     if [ "$memory_lr_scale" != 1 ]; then name=${name}_memlr${memory_lr_scale}; fi
+    if [ "$prompt_clicks" != all ]; then name=${name}_${prompt_clicks}; fi
+    if [ "$SEED" != 0 ]; then name=${name}_seed${SEED}; fi
     # shellcheck disable=SC2046
     $PY -m lib.training.fit --out "$work/$name.pt" --freeze-encoder --memory-mode "$mode" --memory-size "$size" \
-      --steps $STAGE2_STEPS --batch-size 16 --clicks 10 --lr 2e-4 --memory-lr-scale "$memory_lr_scale" \
+      --prompt-clicks "$prompt_clicks" --steps $STAGE2_STEPS --batch-size 16 --clicks 10 --lr 2e-4 \
+      --memory-lr-scale "$memory_lr_scale" \
       --warmup-steps 20 --ce-weight 1.0 --data-dir "$work/$data" --synthetic-fraction 0.5 --synthetic-workers 12 \
       --time-budget-s "$budget" \
       "${common[@]}" $(resume_or_init "$work/$name.pt" --init "$work/stage1.pt" --fresh-memory)

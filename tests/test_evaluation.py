@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from lib.activelearning.disagreement import ProbeConfig, image_disagreement
 from lib.evaluation import evaluate, plot
-from lib.evaluation.interactive import StructureResult
+from lib.evaluation.interactive import StructureResult, evaluate_structure
 from lib.imaging import ModelSpaceImage, load_volume, normalise_intensity
 from lib.model.build import load_mais
 from lib.training.synthetic import write_cases
@@ -50,6 +51,25 @@ def test_evaluate_writes_dice_per_click_noc_and_a_plot(tmp_path):
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_averages_the_chosen_structures_and_prints_their_table(tmp_path, capsys):
+    out = tmp_path / "eval"
+    evaluate.main(
+        [
+            "--studies", str(SAMPLE_DATA), "--images", "brain1,breast1", "--structures", "lesion",
+            "--extra", BREAST1, "--weights", str(WEIGHTS), "--rules", "center", "--clicks", "2", "--out", str(out),
+        ]
+    )  # fmt: skip
+    breast1 = json.loads((out / "summary.json").read_text())["models"]["mais_light"]["center"]["structures"]
+    capsys.readouterr()  # the evaluation's own table: only the plot's is read below
+    plot.main([str(out / "summary.json"), str(tmp_path / "held_out.png"), "--structures", "breast1:lesion"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mais_light"))
+    assert row.split(" | ")[2:4] == [f"{d:.3f}" for d in breast1["breast1:lesion"]]
+    with pytest.raises(ValueError, match="two summaries"):
+        plot.main([str(out / "summary.json"), str(out / "summary.json"), str(tmp_path / "twice.png")])
+    with pytest.raises(ValueError, match="no curve"):
+        plot.main([str(out / "summary.json"), str(tmp_path / "x.png"), "--structures", "breast1:amygdala"])
+
+
 def test_held_out_synthetic_cases_are_evaluated_as_the_training_loop_saw_them(tmp_path):
     cases = tmp_path / "cases"
     label_map = write_cases(cases, count=2, seed=987654)
@@ -65,6 +85,26 @@ def test_held_out_synthetic_cases_are_evaluated_as_the_training_loop_saw_them(tm
     curves = summary["models"]["mais_light"]["center"]["structures"]
     assert set(curves) == {"synthetic_000:object", "synthetic_001:object"}
     assert all(0.0 <= dice <= 1.0 for curve in curves.values() for dice in curve)
+
+
+@pytest.mark.parametrize(("prompt_clicks", "points_per_step"), [("all", [1, 2, 3]), ("latest", [1, 1, 1])])
+def test_a_session_gives_the_prompt_encoder_the_clicks_the_weights_were_trained_with(prompt_clicks, points_per_step):
+    """Weights trained with prompt_clicks "latest" get only each new click, the earlier ones through the memory."""
+    model = load_mais(WEIGHTS)
+    model.config = dataclasses.replace(model.config, prompt_clicks=prompt_clicks)
+    seen = []
+    predict = model.predict
+
+    def spy(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory):
+        seen.append(point_coords.shape[1])
+        return predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
+
+    model.predict = spy
+    image = ModelSpaceImage(load_volume(str(SAMPLE_DATA / "brain1.nrrd")))
+    truth = load_volume(str(SAMPLE_DATA / "labels" / "final" / "brain1.nrrd"))[0].numpy() == 1
+    result = evaluate_structure(model, image, truth, "brain1:lesion", "center", clicks=3)
+    assert seen == points_per_step
+    assert result.dice[0] > 0.8
 
 
 def test_unknown_click_rule_is_refused(tmp_path):

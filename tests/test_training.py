@@ -30,10 +30,13 @@ TINY_SIZE = 64
 TINY_SYNTHETIC = SyntheticConfig(size=TINY_SIZE, radius_range=(3.0, 14.0))
 
 
-def tiny_model(memory_mode: str = "both"):
+def tiny_model(memory_mode: str = "both", prompt_clicks: str = "all"):
     torch.manual_seed(0)
     encoder = EncoderConfig(embed_dim=32, depth=1, num_heads=2, window_size=0, img_size=TINY_SIZE)
-    return build_mais(MaisConfig(name="tiny", encoder=encoder, memory_mode=memory_mode, memory_size=8)).train()
+    config = MaisConfig(
+        name="tiny", encoder=encoder, memory_mode=memory_mode, memory_size=8, prompt_clicks=prompt_clicks
+    )
+    return build_mais(config).train()
 
 
 def tiny_batch(batch_size: int = 2, seed: int = 0):
@@ -81,9 +84,11 @@ def test_synthetic_stream_makes_valid_samples_in_worker_processes_in_a_seeded_or
 # ------------------------------------------------------------------------------------------ interaction loop
 
 
-def test_interaction_loop_runs_steps_in_the_inference_order():
-    """Step k predicts with k accumulated clicks, the memory of the k-1 earlier steps and the previous logits."""
-    model = tiny_model()
+@pytest.mark.parametrize(("prompt_clicks", "points_per_step"), [("all", [1, 2, 3, 4]), ("latest", [1, 1, 1, 1])])
+def test_interaction_loop_runs_steps_in_the_inference_order(prompt_clicks, points_per_step):
+    """Step k predicts with the k clicks so far (or only click k, as SAM-Med3D trains), the memory of the k-1
+    earlier steps and the previous logits."""
+    model = tiny_model(prompt_clicks=prompt_clicks)
     images, masks = tiny_batch()
     seen = []
     predict = model.predict
@@ -96,7 +101,7 @@ def test_interaction_loop_runs_steps_in_the_inference_order():
     result = run_interaction(
         model, model.embed_image(images), masks, np.random.default_rng(0), InteractionConfig(num_clicks=4)
     )
-    assert seen == [(1, 0, True), (2, 1, False), (3, 2, False), (4, 3, False)]
+    assert seen == [(points, k, k == 0) for k, points in enumerate(points_per_step)]
     assert result.loss.ndim == 0 and result.loss.requires_grad
     assert result.dice_per_click.shape == (4,) and not result.dice_per_click.requires_grad
     assert result.final_masks.shape == masks.shape and result.final_masks.dtype == torch.bool
@@ -209,9 +214,10 @@ def test_fit_with_a_trainable_encoder_changes_the_encoder(tmp_path, tiny_weights
     assert changed(parameters_of(initial.image_encoder), trained.image_encoder)
 
 
-def test_fit_init_may_change_the_memory_size(tmp_path, tiny_weights):
-    trained = load_mais(fit(fit_config(tmp_path, tiny_weights, "n4", steps=1, memory_size=4)).weights_path)
-    assert trained.config.memory_size == 4
+def test_fit_init_may_change_the_memory_size_and_prompt_clicks(tmp_path, tiny_weights):
+    config = fit_config(tmp_path, tiny_weights, "n4", steps=1, memory_size=4, prompt_clicks="latest")
+    trained = load_mais(fit(config).weights_path)
+    assert trained.config.memory_size == 4 and trained.config.prompt_clicks == "latest"
     # the encoder came from the init file (a fresh seed-3 network would differ) and stayed frozen
     assert not changed(parameters_of(load_mais(tiny_weights).image_encoder), trained.image_encoder)
 

@@ -86,6 +86,7 @@ class MaisInfer(InferTask):
                 # Shown by Slicer and OHIF; informative: the server's --conf values apply.
                 "memory_mode": model_config.memory_mode,
                 "memory_size": model_config.memory_size,
+                "prompt_clicks": model_config.prompt_clicks,
                 "session_ttl_s": settings.session_ttl_s,
             },
         )

@@ -46,6 +46,7 @@ FORMAT_VERSION = 1
 # SAM-Med3D's prompt embedding width; medim's MaskDecoder3D fixes its transformer around it (8 heads, MLP 2048)
 PROMPT_EMBED_DIM = 384
 SAM_MED3D_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+PROMPT_CLICKS = ("all", "latest")
 
 
 class WeightsError(ValueError):
@@ -74,6 +75,10 @@ class MaisConfig:
 
     memory_mode: "none" (SAM-Med3D alone), "sparse", "dense" or "both". memory_size: N, the FIFO capacity (the
     paper's 60). memory_dtype: storage dtype of the memory bank ("float16": 131 KB a slot, see memory_bank.py).
+    prompt_clicks: which clicks the prompt encoder gets at each interaction step, the same in training and
+    inference: "all" (every click so far) or "latest" (only the step's new click, as SAM-Med3D's own training and
+    validation do and the MAIS paper's baseline: earlier clicks then reach the model only through the previous
+    mask and, with a memory, the memory bank). Weights trained with one are used with the same one.
     """
 
     name: str
@@ -82,10 +87,13 @@ class MaisConfig:
     memory_mode: str = "both"
     memory_size: int = 60
     memory_dtype: str = "float16"
+    prompt_clicks: str = "all"
 
     def __post_init__(self) -> None:
         if self.memory_mode not in MEMORY_MODES:
             raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}")
+        if self.prompt_clicks not in PROMPT_CLICKS:
+            raise ValueError(f"prompt_clicks must be one of {PROMPT_CLICKS}, got {self.prompt_clicks!r}")
         if self.memory_size < 1:
             raise ValueError(f"memory_size must be >= 1, got {self.memory_size}")
         if not isinstance(getattr(torch, self.memory_dtype, None), torch.dtype):

@@ -1,10 +1,11 @@
 """One user segmenting one label on one image: the clicks so far, the memory they built, the current mask.
 
-Each click is one interaction step, in arrival order: the model sees every click inside the crop window so far,
-the window's previous low-res logits and the window's memory bank of earlier steps; the step's memory entry is
-then pushed (the same order as `lib.training.interaction_loop`). A click far from the current window (or
-outside it) opens a window centred on it, seeded with the mask predicted so far, so a structure larger than one
-128^3 crop (192 mm) is segmented window by window instead of being cut at the crop border.
+Each click is one interaction step, in arrival order: the model sees every click inside the crop window so far
+(only the new click when its config.prompt_clicks is "latest"), the window's previous low-res logits and the
+window's memory bank of earlier steps; the step's memory entry is then pushed (the same order as
+`lib.training.interaction_loop`). A click far from the current window (or outside it) opens a window centred on
+it, seeded with the mask predicted so far, so a structure larger than one 128^3 crop (192 mm) is segmented window
+by window instead of being cut at the crop border.
 
 Undo and lost state are the same operation: `replay` rebuilds everything from a click list, which is also what
 happens after a server restart, because clients resend their full history with every request.
@@ -78,6 +79,8 @@ class InteractiveSession:
         model_points = self.image.to_model_voxels(np.array([c.coord for c in self.clicks]))  # [N, 3]
         window = self._window_for(model_points[-1])
         inside = np.array([window.crop.contains(point) for point in model_points])
+        if self.model.config.prompt_clicks == "latest":
+            inside[:-1] = False
         point_coords = torch.from_numpy(window.crop.to_local(model_points[inside])).to(self.device)[None]  # [1, P, 3]
         labels = [c.label for c, keep in zip(self.clicks, inside) if keep]
         point_labels = torch.tensor([labels], device=self.device)  # [1, P]

@@ -139,6 +139,7 @@ class MaisTrainer(TrainTask):
             init=init,
             memory_mode=options.memory_mode or served.memory_mode,
             memory_size=served.memory_size,
+            prompt_clicks=served.prompt_clicks,
             steps=options.epochs * steps_per_epoch,
             batch_size=options.batch_size,
             lr=options.learning_rate,

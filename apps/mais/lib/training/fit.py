@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lib.model.build import MaisConfig, atomic_torch_save, build_mais, load_mais, save_mais
+from lib.model.build import PROMPT_CLICKS, MaisConfig, atomic_torch_save, build_mais, load_mais, save_mais
 from lib.model.mais import Mais
 from lib.model.memory_attention import MEMORY_MODES
 from lib.training.interaction_loop import InteractionConfig, run_interaction
@@ -72,7 +72,8 @@ class FitConfig:
     encoder: str = "light"  # the network trained from scratch when there is no `init`
     memory_mode: str = "both"
     memory_size: int = 60
-    init: Path | None = None  # start from these MAIS weights (their network; memory mode and size from here)
+    prompt_clicks: str = "all"  # MaisConfig.prompt_clicks of the trained model: "all" or "latest"
+    init: Path | None = None  # start from these MAIS weights (their network; memory and prompt settings from here)
     fresh_memory: bool = False  # with init: start the memory attention afresh (equal start for memory comparisons)
     resume: Path | None = None  # a training state `<out>.state.pt` to continue
     steps: int = 1000
@@ -104,6 +105,8 @@ class FitConfig:
             raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
         if self.memory_mode not in MEMORY_MODES:
             raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}")
+        if self.prompt_clicks not in PROMPT_CLICKS:
+            raise ValueError(f"prompt_clicks must be one of {PROMPT_CLICKS}, got {self.prompt_clicks!r}")
         if self.amp not in ("auto", "bf16", "none"):
             raise ValueError(f"amp must be auto, bf16 or none, got {self.amp!r}")
         if not 0.0 <= self.synthetic_fraction <= 1.0:
@@ -294,7 +297,10 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
     network with this run's memory settings, or a random `encoder` network when there is no `init`."""
     torch.manual_seed(config.seed)  # the random initialisation is part of the run's seed
     if config.init is None:
-        model = build_mais(ENCODERS[config.encoder](memory_mode=config.memory_mode, memory_size=config.memory_size))
+        network = ENCODERS[config.encoder](
+            memory_mode=config.memory_mode, memory_size=config.memory_size, prompt_clicks=config.prompt_clicks
+        )
+        model = build_mais(network)
     else:
         model = _model_from_init(config)
     model.to(device).train()
@@ -308,7 +314,12 @@ def _model_from_init(config: FitConfig) -> Mais:
     stage-1 file trained with N = 60 also starts an N = 10 run); any other mismatch is an error."""
     source = load_mais(config.init, device="cpu")
     model = build_mais(
-        dataclasses.replace(source.config, memory_mode=config.memory_mode, memory_size=config.memory_size)
+        dataclasses.replace(
+            source.config,
+            memory_mode=config.memory_mode,
+            memory_size=config.memory_size,
+            prompt_clicks=config.prompt_clicks,
+        )
     )
     source_state = source.state_dict()
     fresh = [
@@ -431,11 +442,12 @@ def fit(
     autocast = _autocast(config.amp, device)
     validation = _Validation(config, val_crops, model, cache, on_validation) if val_crops and is_main else None
     logger.info(
-        "training %s (memory %s, N=%d) on %s x%d: steps %d-%d, batch %d, K=%d, encoder %s, %d real targets, "
-        "synthetic %.2f",
+        "training %s (memory %s, N=%d, prompt clicks %s) on %s x%d: steps %d-%d, batch %d, K=%d, encoder %s, "
+        "%d real targets, synthetic %.2f",
         model.config.name,
         config.memory_mode,
         config.memory_size,
+        config.prompt_clicks,
         device,
         world_size,
         step + 1,
@@ -640,6 +652,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FitConfig, int]:
     )
     parser.add_argument("--memory-mode", choices=MEMORY_MODES, default=defaults.memory_mode)
     parser.add_argument("--memory-size", type=int, default=defaults.memory_size, help="FIFO capacity N")
+    parser.add_argument(
+        "--prompt-clicks",
+        choices=PROMPT_CLICKS,
+        default=defaults.prompt_clicks,
+        help="clicks the prompt encoder gets each step: all so far, or the latest only (SAM-Med3D's training)",
+    )
     parser.add_argument(
         "--init",
         type=Path,

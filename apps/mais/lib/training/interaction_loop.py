@@ -2,8 +2,9 @@
 
 Step k = 1..K (the infer task does the same for each user click, with the user's click instead of a simulated one):
     1. click_k = the simulator's first click (k = 1) or the click correcting mask_{k-1} (k > 1)
-    2. point_coords [B, k, 3], point_labels [B, k] = all clicks so far, in crop voxels (d0, d1, d2), oldest
-       first; a row with nothing left to correct gets a padding point (label -1)
+    2. point_coords [B, P, 3], point_labels [B, P] = the clicks the prompt encoder gets, in crop voxels
+       (d0, d1, d2): all clicks so far, oldest first (P = k), or only click_k (P = 1) when the model's
+       config.prompt_clicks is "latest"; a row with nothing left to correct gets a padding point (label -1)
     3. out_k = model.predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
        with prev_low_res_logits = None for k = 1, else out_{k-1}.low_res_logits;
        the memory holds interactions 1..k-1 while step k is predicted
@@ -80,8 +81,11 @@ def run_interaction(
     step_losses, step_dice = [], []
     for _ in range(config.num_clicks):
         new_coords, new_labels = sample_clicks(gt_masks, masks, rng, config.clicks)
-        point_coords = torch.cat([point_coords, new_coords], dim=1)
-        point_labels = torch.cat([point_labels, new_labels], dim=1)
+        if model.config.prompt_clicks == "latest":
+            point_coords, point_labels = new_coords, new_labels
+        else:
+            point_coords = torch.cat([point_coords, new_coords], dim=1)
+            point_labels = torch.cat([point_labels, new_labels], dim=1)
         out = model.predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
         memory.push(out.memory_entry)
         logits = model.upsample_logits(out.low_res_logits).float()
