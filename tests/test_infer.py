@@ -65,7 +65,7 @@ def test_a_small_image_held_out_of_training_gets_its_lesion(server):
     """breast1 (a 30 x 80 x 44 mm crop, never trained on) is resampled to 0.375 mm instead of 1.5 mm: there its
     6 mm lesion was one cell of the decoder's grid and the mask the whole image block (Dice 0.000 with the weights
     of b92cd73). An annotator's first click in its deepest voxel now gets the lesion (issue 6 asks Dice >= 0.7;
-    measured 0.721), and the next clicks keep it (measured down to 0.609 at click 5: they do not yet refine it)."""
+    measured 0.705 with the round-5 weights), and the next clicks keep it (measured 0.756, 0.780, 0.771, 0.704)."""
     truth = load(REPO_ROOT / "tests" / "data" / "breast1_lesion_label.nii.gz")[0] == LESION
     scores = dice_per_click(server.url, "small-image", "breast1", "lesion", truth, clicks=5)
     assert scores[0] >= 0.7, scores
