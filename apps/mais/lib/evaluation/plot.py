@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lib.evaluation.evaluate import markdown_table  # noqa: E402
+
 LINE_STYLES = {"center": "-", "random": "--", "noisy": ":"}
 
 
@@ -73,28 +75,13 @@ def restrict(summary: dict, structures: list[str]) -> dict:
                 raise ValueError(f"{model} ({rule}) has no curve for {missing}; it has {sorted(s['structures'])}")
             curves = [s["structures"][name] for name in structures]
             mean = [sum(column) / len(curves) for column in zip(*curves)]
-            models[model][rule] = {**s, "mean_dice_per_click": mean}
+            # NoC and seconds per click describe every structure: not carried over
+            models[model][rule] = {"structures": s["structures"], "mean_dice_per_click": mean}
     cases = {}
     for name in structures:
         case, _, structure = name.partition(":")
         cases.setdefault(case, []).append(structure)
     return {**summary, "models": models, "cases": cases}
-
-
-def dice_table(summary: dict) -> str:
-    """Markdown: mean Dice after clicks 1, 5 and K per model and rule, and the rise from click 5 to K."""
-    k = summary["clicks"]
-    middle = min(5, k)
-    rows = [
-        f"| model | click rule | Dice@1 | Dice@{middle} | Dice@{k} | Dice@{k} - Dice@{middle} |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for model, rules in summary["models"].items():
-        for rule, s in rules.items():
-            curve = s["mean_dice_per_click"]
-            first, mid, last = curve[0], curve[middle - 1], curve[-1]
-            rows.append(f"| {model} | {rule} | {first:.3f} | {mid:.3f} | {last:.3f} | {last - mid:+.3f} |")
-    return "\n".join(rows)
 
 
 def main(argv=None) -> None:
@@ -108,7 +95,7 @@ def main(argv=None) -> None:
     if args.structures:
         summary = restrict(summary, args.structures.split(","))
     plot(summary, args.out, args.title)
-    print(dice_table(summary))
+    print(markdown_table(summary))
     print(f"wrote {args.out}")
 
 
