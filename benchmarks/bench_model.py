@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "mais"))
 
-from lib.model.build import MaisConfig, build_mais  # noqa: E402
+from lib.model.builder import build_mais  # noqa: E402
+from lib.model.config import MaisConfig  # noqa: E402
 from lib.model.mais import Mais  # noqa: E402
 
 logger = logging.getLogger("bench_model")

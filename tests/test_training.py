@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lib.model.build import EncoderConfig, MaisConfig, build_mais, load_mais, save_mais
+from lib.model.builder import build_mais
+from lib.model.config import EncoderConfig, MaisConfig
+from lib.model.weights import load_mais, save_mais
 from lib.training.distributed import fit_distributed
 from lib.training.fit import (
     FitConfig,

@@ -28,7 +28,7 @@ from lib.clicks.simulator import POSITIVE
 from lib.configs.app_settings import AppSettings
 from lib.imaging import ModelSpaceImage, VolumeError
 from lib.infers.request import ClickRequest, RequestError, parse_click_request
-from lib.model.build import WeightsError, load_mais
+from lib.model.weights import WeightsError, load_mais
 from lib.session.interactive import InteractiveSession
 from lib.session.store import SessionStore
 

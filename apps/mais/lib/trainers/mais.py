@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lib.configs.app_settings import AppSettings, MemoryMode
 from lib.infers.mais import ModelLoader
-from lib.model.build import atomic_write
+from lib.atomic_file import atomic_write
 from lib.training.distributed import available_gpus, fit_distributed
 from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
 from lib.training.real_data import MAX_CROP_SHIFT, StructureCrop, image_id, split_by_image, structure_crops
