@@ -34,11 +34,13 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lib.atomic_file import atomic_write
 from lib.configs.app_settings import AppSettings, MemoryMode
 from lib.infers.mais import ModelLoader
-from lib.atomic_file import atomic_write
+from lib.training.config import FitConfig
 from lib.training.distributed import available_gpus, fit_distributed
-from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
+from lib.training.loop import FitResult, fit
+from lib.training.progress import LOGGED_CLICKS, TrainingLog
 from lib.training.real_data import MAX_CROP_SHIFT, StructureCrop, image_id, split_by_image, structure_crops
 from lib.training.validation import ValidationResult
 

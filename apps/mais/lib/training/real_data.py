@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lib.imaging import MODEL_SPACING_MM, CropWindow, ModelSpaceImage, load_volume
+from lib.training.data_sources import save_training_pair
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +139,10 @@ def labelled_images(studies: Path) -> list[tuple[Path, Path]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write training pairs (`lib.training.fit --data-dir`) from a datastore's final labels."""
+    """Write training pairs (`python -m lib.training.fit --data-dir`) from a datastore's final labels."""
     import argparse
 
     from lib.configs.labels import SAMPLE_LABELS
-    from lib.training.fit import save_training_pair
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--studies", type=Path, required=True, help="MONAI Label local datastore folder")
