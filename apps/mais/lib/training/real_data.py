@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lib.imaging import MODEL_SPACING_MM, CropWindow, ModelSpaceImage, load_volume
 from lib.training.data_sources import save_training_pair
+from lib.volume_formats import volume_extension
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ MAX_CROP_SHIFT = 40
 # with context around them, as a lesion in a small image is; the window stays near its structure voxel.
 ZOOM_TRAINING_MAX_MM = 36.0
 MAX_ZOOMED_SHIFT = 8
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
 T = TypeVar("T")
 
@@ -116,7 +116,7 @@ def image_id(image_path: str | Path) -> str:
     """The datastore id of an image file: its name without the volume extension. Not the name up to its first dot:
     a DICOMweb datastore's images are `<SeriesInstanceUID>.nii.gz`, and UIDs are dotted."""
     name = Path(image_path).name
-    return next((name.removesuffix(ext) for ext in VOLUME_EXTENSIONS if name.endswith(ext)), name)
+    return name.removesuffix(volume_extension(name) or "")
 
 
 def split_by_image(items: Sequence[T], val_fraction: float, rng: np.random.Generator) -> tuple[list[T], list[T]]:
