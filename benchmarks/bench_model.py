@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "mais"))
 
-from lib.model.build import MaisConfig, build_mais  # noqa: E402
+from lib.model.builder import build_mais  # noqa: E402
+from lib.model.config import MEMORY_MODES, MaisConfig  # noqa: E402
 from lib.model.mais import Mais  # noqa: E402
 
 logger = logging.getLogger("bench_model")
@@ -92,7 +93,7 @@ def bench_clicks(device: torch.device, repeats: int, sizes=(0, 10, 60)) -> list[
     emb = torch.randn(1, 384, 8, 8, 8, generator=gen).to(device)
     coords = torch.randint(0, 128, (1, 1, 3), generator=gen).float().to(device)
     labels = torch.ones(1, 1, dtype=torch.long, device=device)
-    for mode in ("none", "sparse", "dense", "both"):
+    for mode in MEMORY_MODES:
         model.config = MaisConfig.light(memory_mode=mode)
         with torch.inference_mode():
             memory = model.new_memory(1)
@@ -166,7 +167,7 @@ def main() -> None:
         print(f"| {r['config']} | {times} | {r['max_abs_diff']:.1e} |{extra}")
     print("\n| one click (fp32, light) | N=0 ms | N=10 ms | N=60 ms | memory at N=60 |")
     print("|---|---|---|---|---|")
-    for mode in ("none", "sparse", "dense", "both"):
+    for mode in MEMORY_MODES:
         rs = [r for r in clicks if r["mode"] == mode]
         cells = " | ".join(f"{r['click_ms']:.1f}" for r in rs)
         print(f"| {mode} | {cells} | {rs[-1]['memory_bytes'] / 1e6:.2f} MB |")

@@ -25,7 +25,7 @@ from bench_server import CASES, summary  # noqa: E402
 from lib.clicks.simulator import first_click, next_click  # noqa: E402
 from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
 from lib.imaging import ModelSpaceImage, load_volume  # noqa: E402
-from lib.model.build import load_mais  # noqa: E402
+from lib.model.weights import load_mais  # noqa: E402
 from lib.session.interactive import InteractiveSession  # noqa: E402
 
 

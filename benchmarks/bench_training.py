@@ -1,7 +1,7 @@
 """Training speed: samples/s with and without the embedding cache, and one fine-tuning epoch over the sample data.
 
 The data are what the `mais` trainer builds from sample-data's final labels (every structure, 2 crops each); the
-loop is lib.training.fit exactly as the trainer runs it (encoder frozen, K clicks, batch 2 unless told).
+loop is lib.training.loop.fit exactly as the trainer runs it (encoder frozen, K clicks, batch 2 unless told).
 
     .venv/bin/python benchmarks/bench_training.py                 # CPU
     python benchmarks/bench_training.py --device cuda             # one GPU
@@ -10,7 +10,6 @@ loop is lib.training.fit exactly as the trainer runs it (encoder frozen, K click
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import sys
@@ -24,7 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "apps" / "mais"))
 
 from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
-from lib.training.fit import FitConfig, fit  # noqa: E402
+from lib.training.config import FitConfig  # noqa: E402
+from lib.training.loop import fit  # noqa: E402
 from lib.training.real_data import labelled_images, structure_crops  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main() -> None:
         for cached in (False, True):
             epoch_ends = [time.perf_counter()]
             fit(
-                dataclasses.replace(base, cache_embeddings=cached),
+                base.replace(cache_embeddings=cached),
                 crops,
                 on_log=lambda _, ends=epoch_ends: ends.append(time.perf_counter()),
             )

@@ -25,7 +25,7 @@ from lib.activelearning.disagreement import click_disagreement  # noqa: E402
 from lib.clicks.simulator import interior_point  # noqa: E402
 from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
 from lib.imaging import CropWindow, ModelSpaceImage, load_volume  # noqa: E402
-from lib.model.build import load_mais  # noqa: E402
+from lib.model.weights import load_mais  # noqa: E402
 from lib.training.real_data import StructureCrop, image_id, labelled_images  # noqa: E402
 from lib.training.validation import validate  # noqa: E402
 

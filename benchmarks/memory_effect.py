@@ -18,7 +18,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "apps" / "mais"))
 
-from lib.model.build import load_mais  # noqa: E402
+from lib.model.weights import load_mais  # noqa: E402
 from lib.training.interaction_loop import InteractionConfig, run_interaction  # noqa: E402
 from lib.training.synthetic import synthetic_sample  # noqa: E402
 from lib.training.validation import VALIDATION_CLICKS  # noqa: E402

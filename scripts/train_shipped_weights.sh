@@ -81,7 +81,7 @@ case $stage in
       --weights "${weights[@]}" --rules center,random,noisy --clicks 10 --device "${DEVICE:-cuda}" --out "$out"
     ;;
   export)
-    $PY -c "import sys, torch; from lib.model.build import load_mais, save_mais
+    $PY -c "import sys, torch; from lib.model.weights import load_mais, save_mais
 save_mais(load_mais(sys.argv[1]), sys.argv[2], storage_dtype=torch.float16,
           metadata={'trained_by': 'scripts/train_shipped_weights.sh', 'source': sys.argv[3],
                     'held_out': '$HELD_OUT,breast1'})" \

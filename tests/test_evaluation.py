@@ -13,7 +13,7 @@ from lib.activelearning.disagreement import ProbeConfig, image_disagreement
 from lib.evaluation import evaluate, plot
 from lib.evaluation.interactive import StructureResult, evaluate_structure
 from lib.imaging import ModelSpaceImage, load_volume, normalise_intensity
-from lib.model.build import load_mais
+from lib.model.weights import load_mais
 from lib.training.synthetic import write_cases
 from server import APP_DIR, REPO_ROOT, SAMPLE_DATA
 

@@ -1,21 +1,20 @@
-"""lib.model.build: SAM-Med3D key/shape conformance, strict checkpoint loading, configs, MAIS weights files."""
+"""lib.model's config, builder, weights and import_sam_med3d: SAM-Med3D key/shape conformance, strict checkpoint
+loading, configs, MAIS weights files."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from lib.model.build import (
-    MaisConfig,
-    WeightsError,
-    build_mais,
-    load_mais,
-    load_sam_med3d_checkpoint,
-    save_mais,
-)
+from lib.model.builder import build_mais
+from lib.model.config import MaisConfig
+from lib.model.import_sam_med3d import load_sam_med3d_checkpoint
+from lib.model.weights import WeightsError, load_mais, save_mais
 
 # copy of ../shared/reference/sam_med3d_turbo_state_dict.tsv: every key of the released checkpoint
 OFFICIAL_KEYS_TSV = Path(__file__).parent / "data" / "sam_med3d_turbo_state_dict.tsv"
@@ -94,6 +93,14 @@ def test_config_round_trip_and_validation():
         MaisConfig.light(memory_dtype="float17")
     with pytest.raises(ValueError, match="invalid MAIS config"):
         MaisConfig.from_dict({**MaisConfig.light().to_dict(), "colour": "blue"})
+
+
+def test_the_network_config_loads_without_torch():
+    """Option schemas (the app's --conf, the training command line) read lib.model.config: it must stay light."""
+    app_dir = Path(__file__).resolve().parents[1] / "apps" / "mais"
+    script = "import sys, lib.model.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=app_dir, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_mais_file_round_trip_with_mode_override(tmp_path):

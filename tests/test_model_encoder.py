@@ -7,7 +7,8 @@ from functools import partial
 import pytest
 import torch
 
-from lib.model.build import MaisConfig, build_mais
+from lib.model.builder import build_mais
+from lib.model.config import MaisConfig
 from lib.model.image_encoder import ImageEncoder3D
 
 

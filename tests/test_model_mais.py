@@ -8,7 +8,8 @@ import pytest
 import torch
 from medim.models.sam_med3d import MaskDecoder3D, PromptEncoder3D
 
-from lib.model.build import MaisConfig, build_mais
+from lib.model.builder import build_mais
+from lib.model.config import MaisConfig
 
 
 def make_model(mode: str = "both", memory_size: int = 60, seed: int = 0):

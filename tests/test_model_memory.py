@@ -7,7 +7,8 @@ import io
 import pytest
 import torch
 
-from lib.model.build import MaisConfig, build_mais
+from lib.model.builder import build_mais
+from lib.model.config import MaisConfig
 from lib.model.memory_bank import MemoryBank, MemoryEntry
 
 

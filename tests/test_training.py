@@ -10,20 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from lib.model.build import EncoderConfig, MaisConfig, build_mais, load_mais, save_mais
+from lib.model.builder import build_mais
+from lib.model.config import EncoderConfig, MaisConfig
+from lib.model.weights import load_mais, save_mais
+from lib.training.config import FitConfig
+from lib.training.data_sources import load_training_pairs, save_training_pair
 from lib.training.distributed import fit_distributed
-from lib.training.fit import (
-    FitConfig,
-    fit,
-    load_training_pairs,
-    make_optimiser,
-    parse_args,
-    save_training_pair,
-    set_encoder_frozen,
-)
+from lib.training.fit import build_parser, parse_args
+from lib.training.initial_model import set_encoder_frozen
+from lib.training.loop import fit
+from lib.training.optimisation import make_optimiser
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
-from lib.training.synthetic import SyntheticConfig, synthetic_batch, synthetic_stream
+from lib.training.synthetic import SyntheticConfig, synthetic_sample, synthetic_stream
 from lib.training.validation import validate
 
 TINY_SIZE = 64
@@ -39,8 +38,11 @@ def tiny_model(memory_mode: str = "both", prompt_clicks: str = "all"):
     return build_mais(config).train()
 
 
-def tiny_batch(batch_size: int = 2, seed: int = 0):
-    return synthetic_batch(batch_size, torch.Generator().manual_seed(seed), TINY_SYNTHETIC)
+def tiny_batch(batch_size: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """images float32 [B, 1, S, S, S] and masks bool [B, 1, S, S, S] of `batch_size` synthetic samples."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = [synthetic_sample(generator, TINY_SYNTHETIC) for _ in range(batch_size)]
+    return torch.stack([image for image, _ in samples]), torch.stack([mask for _, mask in samples])
 
 
 def parameters_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -254,6 +256,27 @@ def test_cli_parses_the_documented_options(tmp_path):
     assert parse_args([])[0].freeze_encoder  # frozen by default (issue 5)
     with pytest.raises(SystemExit):
         parse_args(["--memory-mode", "everything"])
+
+
+def test_every_fit_config_field_is_a_command_line_option():
+    options = {flag for action in build_parser()._actions for flag in action.option_strings}
+    missing = [name for name in FitConfig.model_fields if "--" + name.replace("_", "-") not in options]
+    assert not missing, f"FitConfig fields without an option: {missing}"
+    config, _ = parse_args(
+        "--max-grad-norm 0.5 --validate-every 3 --no-cache-embeddings --no-deterministic --fresh-memory".split()
+    )
+    assert (config.max_grad_norm, config.validate_every) == (0.5, 3)
+    assert not config.cache_embeddings and not config.deterministic and config.fresh_memory
+    assert parse_args([])[0] == FitConfig()  # options left out keep FitConfig's defaults
+
+
+def test_the_command_line_refuses_what_fit_config_refuses_naming_the_option(capsys):
+    for argv, option in ((["--synthetic-fraction", "1.5"], "--synthetic-fraction"), (["--steps", "0"], "--steps")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert option in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--freeze-encoder", "--train-encoder"])
 
 
 # ------------------------------------------------------------------------------------- validation and DDP

@@ -23,8 +23,9 @@ from lib.activelearning.tasks import DisagreementScoring, MostUncertain
 from lib.configs.app_settings import AppConfigError, AppSettings
 from lib.datastore.dicomweb import MaisDICOMWebDatastore
 from lib.infers.mais import MaisInfer, ModelLoader
-from lib.model.build import WeightsError
+from lib.model.weights import WeightsError
 from lib.trainers.mais import MaisTrainer
+from lib.volume_formats import VOLUME_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def _refuse_to_start(message: str) -> None:
 def _warn_if_no_images(studies: str, images: list) -> None:
     if not images and not studies.startswith(("http://", "https://")):
         logger.warning(
-            "The studies folder %s holds no images (.nii.gz, .nii, .nrrd). MONAI Label creates a missing folder "
+            "The studies folder %s holds no images (%s). MONAI Label creates a missing folder "
             "silently: check the --studies path, e.g. --studies sample-data.",
             studies,
+            ", ".join(VOLUME_EXTENSIONS),
         )

@@ -14,14 +14,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lib.configs.labels import SAMPLE_LABELS
+from lib.model.config import MemoryMode
 
 APP_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_WEIGHTS = APP_DIR / "model" / "mais_light.pt"
 DEFAULT_TRAIN_DIR = APP_DIR / "model" / "trained"
 TRAINED_WEIGHTS_NAME = "mais_trained.pt"
-
-MemoryMode = Literal["none", "sparse", "dense", "both"]
-
 
 class AppConfigError(ValueError):
     """A start-up option or file the app cannot run with; the message says which and why."""

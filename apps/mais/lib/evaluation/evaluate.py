@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lib.configs.labels import SAMPLE_LABELS
 from lib.evaluation.interactive import CLICK_RULES, NOC_THRESHOLDS, StructureResult, evaluate_structure
 from lib.imaging import ModelSpaceImage, load_volume
-from lib.model.build import load_mais
+from lib.model.weights import load_mais
 from lib.training.real_data import image_id, labelled_images
 
 # Structures smaller than this many voxels in the label file are skipped (partial-volume remnants).

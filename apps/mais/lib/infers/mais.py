@@ -26,17 +26,18 @@ from monailabel.transform.writer import Writer
 from lib.clicks.history import reconcile
 from lib.clicks.simulator import POSITIVE
 from lib.configs.app_settings import AppSettings
+from lib.devices import resolve_device
 from lib.imaging import ModelSpaceImage, VolumeError
 from lib.infers.request import ClickRequest, RequestError, parse_click_request
-from lib.model.build import WeightsError, load_mais
+from lib.model.weights import WeightsError, load_mais
 from lib.session.interactive import InteractiveSession
 from lib.session.store import SessionStore
+from lib.volume_formats import volume_extension
 
 logger = logging.getLogger(__name__)
 
 # Images kept in model space for new sessions; a 512x512x48 CT takes ~30 MB there.
 PREPARED_IMAGE_CACHE_SIZE = 8
-SUPPORTED_RESULT_EXTENSIONS = (".nrrd", ".nii.gz", ".nii")
 
 
 class ModelLoader:
@@ -45,7 +46,8 @@ class ModelLoader:
 
     def __init__(self, settings: AppSettings):
         self.settings = settings
-        self.device = torch.device("cuda" if settings.device != "cpu" and torch.cuda.is_available() else "cpu")
+        # "cuda" without a visible GPU serves on the CPU, as "auto" does
+        self.device = resolve_device("cpu" if settings.device == "cpu" else "auto")
         self._model: torch.nn.Module | None = None
         self._version: tuple[Path, int] | None = None
 
@@ -133,7 +135,7 @@ class MaisInfer(InferTask):
             session = entry.session
             _check_inside(clicks, session.image.original_shape)
             steps = self._apply(session, clicks)
-            mask = session.mask.astype(_NUMPY_DTYPES[clicks.result_dtype]) * self.label_map[clicks.label]
+            mask = session.mask.astype(clicks.result_dtype) * self.label_map[clicks.label]
             affine = session.image.original_affine
             click_count, window_count = len(session.clicks), len(session.windows)
 
@@ -191,7 +193,6 @@ class MaisInfer(InferTask):
         return ModelSpaceImage.from_file(image_path)
 
 
-_NUMPY_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
 
 
 def _check_inside(clicks: ClickRequest, shape: tuple[int, int, int]) -> None:
@@ -205,4 +206,4 @@ def _check_inside(clicks: ClickRequest, shape: tuple[int, int, int]) -> None:
 
 
 def _own_extension(image_path: str) -> str:
-    return next((ext for ext in SUPPORTED_RESULT_EXTENSIONS if image_path.endswith(ext)), ".nii.gz")
+    return volume_extension(image_path) or ".nii.gz"

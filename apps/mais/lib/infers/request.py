@@ -14,9 +14,11 @@ full histories: every request carries all clicks placed so far for the segment.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter, ValidationError
+
+from lib.volume_formats import ResultDtype, VolumeExtension
 
 MAX_CLICKS = 1000  # per request; a real annotation needs tens. More is a client bug or abuse.
 
@@ -60,8 +62,8 @@ class _CommonFields(BaseModel):
 
     client_id: StrictStr | None = None
     reset_state: StrictBool = False
-    result_extension: Literal[".nrrd", ".nii.gz", ".nii"] | None = None
-    result_dtype: Literal["uint8", "uint16", "int16", "int32", "float32"] = "uint8"
+    result_extension: VolumeExtension | None = None
+    result_dtype: ResultDtype = "uint8"
     result_compress: StrictBool = False
 
 

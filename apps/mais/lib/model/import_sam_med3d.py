@@ -1,4 +1,5 @@
-"""Turn an official SAM-Med3D checkpoint you downloaded (e.g. sam_med3d_turbo.pth) into a MAIS weights file.
+"""Official SAM-Med3D checkpoints: load one into a MAIS model, or turn one you downloaded (e.g.
+sam_med3d_turbo.pth) into a MAIS weights file.
 
     cd apps/mais
     python -m lib.model.import_sam_med3d /path/to/sam_med3d_turbo.pth /path/to/sam_med3d_turbo_mais.pt --trusted
@@ -15,9 +16,56 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lib.model.build import MaisConfig, build_mais, load_sam_med3d_checkpoint, save_mais
+from torch import Tensor
+
+from lib.model.builder import build_mais
+from lib.model.config import MaisConfig
+from lib.model.mais import Mais
+from lib.model.weights import WeightsError, check_state_dict, is_sam_med3d, read_torch_file, save_mais
+
+logger = logging.getLogger(__name__)
+
+SAM_MED3D_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+def load_sam_med3d_checkpoint(
+    model: Mais,
+    checkpoint: str | os.PathLike | Mapping[str, Tensor],
+    parts: Sequence[str] = SAM_MED3D_PARTS,
+    trusted: bool = False,
+) -> Mais:
+    """Load an official SAM-Med3D checkpoint ({"model_state_dict": ...}, or that state dict) into `model`.
+
+    Strict over `parts` (default all three; ("prompt_encoder", "mask_decoder") initialises a light model's
+    decoder from SAM-Med3D): every key of those parts must be there with its shape. The memory attention is not in
+    the checkpoint and keeps its weights. trusted: a checkpoint that pickles more than tensors (the authors load
+    theirs with weights_only=False) is read only with trusted=True, which lets the file run code; pass it only for
+    a file from a source you trust. Returns the model.
+    """
+    unknown = set(parts) - set(SAM_MED3D_PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}, choose from {SAM_MED3D_PARTS}")
+    source = "state dict" if isinstance(checkpoint, Mapping) else str(checkpoint)
+    payload = checkpoint if isinstance(checkpoint, Mapping) else read_torch_file(checkpoint, trusted=trusted)
+    state = payload.get("model_state_dict", payload) if isinstance(payload, Mapping) else payload
+    if not is_sam_med3d(state):
+        raise WeightsError(f"{source}: not a SAM-Med3D checkpoint (no 'model_state_dict' with 'mask_decoder.' keys)")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    foreign = sorted(k for k in state if k.split(".", 1)[0] not in SAM_MED3D_PARTS)
+    if foreign:
+        raise WeightsError(f"{source}: unexpected key {foreign[0]!r} ({len(foreign)} keys outside {SAM_MED3D_PARTS})")
+    expected = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in parts}
+    chosen = {k: v for k, v in state.items() if k.split(".", 1)[0] in parts}
+    check_state_dict(expected, chosen, source=source)
+    for part in parts:
+        prefix = part + "."
+        getattr(model, part).load_state_dict({k[len(prefix) :]: v for k, v in chosen.items() if k.startswith(prefix)})
+    logger.info("loaded SAM-Med3D %s from %s", ", ".join(parts), source)
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """The composed MAIS model: SAM-Med3D's encoder, prompt encoder and mask decoder plus a memory attention.
 
-Use (the infer task and the trainer call exactly this; build it with `lib.model.build`):
+Use (the infer task and the trainer call exactly this; build it with `lib.model.builder`):
 
     emb = model.embed_image(volume)              # [B, 1, 128, 128, 128] normalised -> [B, 384, 8, 8, 8]
     memory = model.new_memory(batch_size=B)      # empty MemoryBank, FIFO of cfg.memory_size interactions
@@ -22,19 +22,15 @@ to the image embedding before the mask decoder (see memory_attention.py). All mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from medim.models.sam_med3d import MaskDecoder3D, PromptEncoder3D
 from torch import Tensor, nn
 
+from .config import MaisConfig
 from .image_encoder import ImageEncoder3D
 from .memory_attention import MemoryAttention, MemoryAttentionWeights
 from .memory_bank import MemoryBank, MemoryEntry
-
-if TYPE_CHECKING:
-    from .build import MaisConfig
 
 
 @dataclass
@@ -54,7 +50,7 @@ class MaisOutput:
 
 
 class Mais(nn.Module):
-    """SAM-Med3D + memory attention. Parts are built by `lib.model.build.build_mais`; `config` is its MaisConfig."""
+    """SAM-Med3D + memory attention. Parts are built by `lib.model.builder.build_mais`; `config` is its MaisConfig."""
 
     def __init__(
         self,

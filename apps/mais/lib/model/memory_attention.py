@@ -44,22 +44,8 @@ import torch
 from medim.models.sam_med3d import LayerNorm3d
 from torch import Tensor, nn
 
+from .config import MemoryAttentionConfig
 from .memory_bank import MemoryEntry
-
-MEMORY_MODES = ("none", "sparse", "dense", "both")
-
-
-@dataclass(frozen=True)
-class MemoryAttentionConfig:
-    """Sizes of the memory attention (reasons in the module docstring)."""
-
-    dim: int = 64
-    num_heads: int = 4
-    ffn_ratio: int = 2
-
-    def __post_init__(self) -> None:
-        if self.dim % self.num_heads:
-            raise ValueError(f"memory dim {self.dim} is not divisible by num_heads {self.num_heads}")
 
 
 @dataclass

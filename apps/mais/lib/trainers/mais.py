@@ -34,11 +34,14 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lib.atomic_file import atomic_write
 from lib.configs.app_settings import AppSettings, MemoryMode
 from lib.infers.mais import ModelLoader
-from lib.model.build import atomic_write
+from lib.model.config import MEMORY_MODES
+from lib.training.config import FitConfig
 from lib.training.distributed import available_gpus, fit_distributed
-from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
+from lib.training.loop import FitResult, fit
+from lib.training.progress import LOGGED_CLICKS, TrainingLog
 from lib.training.real_data import MAX_CROP_SHIFT, StructureCrop, image_id, split_by_image, structure_crops
 from lib.training.validation import ValidationResult
 
@@ -87,7 +90,7 @@ class MaisTrainer(TrainTask):
         """The options Slicer and OHIF show, with their defaults (a list is a choice, its first item the default)."""
         defaults = TrainRequest()
         served_mode = self.model_loader.get()[0].config.memory_mode
-        modes = [served_mode, *(m for m in ("both", "sparse", "dense", "none") if m != served_mode)]
+        modes = [served_mode, *(m for m in reversed(MEMORY_MODES) if m != served_mode)]
         return {
             "epochs": defaults.epochs,
             "learning_rate": defaults.learning_rate,

@@ -1,13 +1,12 @@
 """`fit` on several GPUs of one machine: one process per GPU, torch DDP over NCCL (gloo on the CPU, for tests).
 
-Each process runs the same `fit` (lib.training.fit): it draws its own samples, DDP averages the gradients, and
+Each process runs the same `fit` (lib.training.loop): it draws its own samples, DDP averages the gradients, and
 rank 0 alone validates, logs and writes files. Processes are started with torch.multiprocessing.spawn, so the
 training data (crops) reach them pickled (tensors through shared memory) and callbacks must be picklable.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -17,7 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lib.training.fit import FitConfig, FitResult, TrainingLog, fit
+from lib.devices import resolve_device
+from lib.training.config import FitConfig
+from lib.training.loop import FitResult, fit
+from lib.training.progress import TrainingLog
 from lib.training.real_data import StructureCrop
 from lib.training.validation import ValidationResult
 
@@ -39,12 +41,12 @@ def fit_distributed(
 ) -> FitResult:
     """Run `fit` in `world_size` processes under DDP and return rank 0's FitResult.
 
-    With CUDA (and config.device not "cpu") process r trains on cuda:r over NCCL; otherwise every process trains
-    on the CPU over gloo. `config.batch_size` is per process: the effective batch is world_size times larger.
+    When config.device resolves to CUDA ("auto" with a GPU visible, "cuda") process r trains on cuda:r over NCCL;
+    otherwise every process trains on the CPU over gloo. `config.batch_size` is per process: the effective batch is world_size times larger.
     """
     if world_size < 2:
         raise ValueError(f"fit_distributed needs world_size >= 2, got {world_size}; call fit for one process")
-    use_cuda = torch.cuda.is_available() and config.device != "cpu"
+    use_cuda = resolve_device(config.device).type == "cuda"
     if use_cuda and world_size > available_gpus():
         raise ValueError(f"{world_size} processes asked for, {available_gpus()} GPU(s) visible")
     results = mp.get_context("spawn").SimpleQueue()
@@ -84,7 +86,7 @@ def _worker(
         device = f"cuda:{rank}" if use_cuda else "cpu"
         is_main = rank == 0
         result = fit(
-            dataclasses.replace(config, device=device),
+            config.replace(device=device),
             crops,
             val_crops,
             on_log if is_main else None,

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 from lib.imaging import MODEL_SPACING_MM, CropWindow, ModelSpaceImage, load_volume
+from lib.training.data_sources import save_training_pair
+from lib.volume_formats import volume_extension
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,6 @@ MAX_CROP_SHIFT = 40
 # with context around them, as a lesion in a small image is; the window stays near its structure voxel.
 ZOOM_TRAINING_MAX_MM = 36.0
 MAX_ZOOMED_SHIFT = 8
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
 T = TypeVar("T")
 
@@ -115,7 +116,7 @@ def image_id(image_path: str | Path) -> str:
     """The datastore id of an image file: its name without the volume extension. Not the name up to its first dot:
     a DICOMweb datastore's images are `<SeriesInstanceUID>.nii.gz`, and UIDs are dotted."""
     name = Path(image_path).name
-    return next((name.removesuffix(ext) for ext in VOLUME_EXTENSIONS if name.endswith(ext)), name)
+    return name.removesuffix(volume_extension(name) or "")
 
 
 def split_by_image(items: Sequence[T], val_fraction: float, rng: np.random.Generator) -> tuple[list[T], list[T]]:
@@ -138,11 +139,10 @@ def labelled_images(studies: Path) -> list[tuple[Path, Path]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write training pairs (`lib.training.fit --data-dir`) from a datastore's final labels."""
+    """Write training pairs (`python -m lib.training.fit --data-dir`) from a datastore's final labels."""
     import argparse
 
     from lib.configs.labels import SAMPLE_LABELS
-    from lib.training.fit import save_training_pair
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--studies", type=Path, required=True, help="MONAI Label local datastore folder")

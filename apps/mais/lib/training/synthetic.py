@@ -63,18 +63,6 @@ class SyntheticConfig:
             raise ValueError(f"size {self.size} must be a multiple of field_stride {self.field_stride}")
 
 
-def synthetic_batch(
-    batch_size: int, generator: torch.Generator, config: SyntheticConfig = SyntheticConfig()
-) -> tuple[Tensor, Tensor]:
-    """`batch_size` synthetic samples on the generator's device.
-
-    Returns images float32 [B, 1, S, S, S] (normalised like real images) and masks bool [B, 1, S, S, S] (the
-    target object, never empty), S = config.size.
-    """
-    samples = [synthetic_sample(generator, config) for _ in range(batch_size)]
-    return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
-
-
 def synthetic_sample(generator: torch.Generator, config: SyntheticConfig = SyntheticConfig()) -> tuple[Tensor, Tensor]:
     """One sample: image float32 [1, S, S, S] normalised, mask bool [1, S, S, S] of the target (not empty)."""
     draw = _Draw(generator)

@@ -1,0 +1,68 @@
+"""The model a training run starts from: the `init` weights file's network with this run's memory settings, or a
+fresh network; in train mode, its encoder frozen when asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from lib.model.builder import build_mais
+from lib.model.config import NETWORKS
+from lib.model.mais import Mais
+from lib.model.weights import load_mais
+from lib.training.config import FitConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(config: FitConfig, device: torch.device) -> Mais:
+    """The model to train, in train mode on `device`, its encoder frozen when asked: the `init` weights file's
+    network with this run's memory settings, or a random `encoder` network when there is no `init`."""
+    torch.manual_seed(config.seed)  # the random initialisation is part of the run's seed
+    if config.init is None:
+        network = NETWORKS[config.encoder](
+            memory_mode=config.memory_mode, memory_size=config.memory_size, prompt_clicks=config.prompt_clicks
+        )
+        model = build_mais(network)
+    else:
+        model = _model_from_init(config)
+    model.to(device).train()
+    set_encoder_frozen(model, config.freeze_encoder)
+    return model
+
+
+def _model_from_init(config: FitConfig) -> Mais:
+    """The `init` file's network with this run's memory mode and size, loaded with every weight whose shape still
+    fits. Only memory-attention weights may start fresh (its age embeddings are sized by memory_size, so a
+    stage-1 file trained with N = 60 also starts an N = 10 run); any other mismatch is an error."""
+    source = load_mais(config.init, device="cpu")
+    model = build_mais(
+        dataclasses.replace(
+            source.config,
+            memory_mode=config.memory_mode,
+            memory_size=config.memory_size,
+            prompt_clicks=config.prompt_clicks,
+        )
+    )
+    source_state = source.state_dict()
+    fresh = [
+        k
+        for k, v in model.state_dict().items()
+        if k not in source_state
+        or source_state[k].shape != v.shape
+        or (config.fresh_memory and k.startswith("memory_attention."))
+    ]
+    foreign = [k for k in fresh if not k.startswith("memory_attention.")]
+    if foreign:
+        raise ValueError(f"--init {config.init}: weight {foreign[0]!r} does not fit this network")
+    model.load_state_dict({k: v for k, v in source_state.items() if k not in fresh}, strict=False)
+    logger.info("initialised %s from %s; fresh: %s", source.config.name, config.init, ", ".join(fresh) or "nothing")
+    return model
+
+
+def set_encoder_frozen(model: Mais, frozen: bool) -> None:
+    """Freeze (no gradients, eval mode) or unfreeze the image encoder; the rest of the model is left as it is."""
+    model.image_encoder.requires_grad_(not frozen)
+    model.image_encoder.train(not frozen and model.training)
