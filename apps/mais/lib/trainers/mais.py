@@ -35,7 +35,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lib.configs.app_settings import AppSettings, MemoryMode
-from lib.infers.mais import ModelLoader
+from lib.model_loader import ModelLoader
 from lib.model.build import atomic_write
 from lib.training.distributed import available_gpus, fit_distributed
 from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
