@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lib.clicks.simulator import ClickConfig, sample_clicks
+from lib.clicks.simulator import CLICK_PRESETS, ClickConfig, sample_clicks
+from lib.metrics import batch_dice
 from lib.model.interaction import InteractionState, concat_points
 
 # SAM-Med3D trains with uniformly drawn error voxels; the distance-transform rule is the evaluation's.
-TRAINING_CLICKS = ClickConfig(first_click="random", next_click="random")
+TRAINING_CLICKS = CLICK_PRESETS["random"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def run_interaction(
         logits = model.upsample_logits(out.low_res_logits).float()
         step_losses.append(segmentation_loss(logits, target, config.ce_weight))
         masks = logits.detach() > 0
-        step_dice.append(hard_dice(masks, gt_masks).mean())
+        step_dice.append(batch_dice(masks, gt_masks).float().mean())
     return InteractionResult(torch.stack(step_losses).sum(), torch.stack(step_dice).float(), masks)
 
 
@@ -101,12 +102,3 @@ def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tenso
     target = target.flatten(1)
     overlap = (probabilities * target).sum(1)
     return 1.0 - (2.0 * overlap + smooth) / (probabilities.sum(1) + target.sum(1) + smooth)
-
-
-def hard_dice(masks: Tensor, gt_masks: Tensor) -> Tensor:
-    """Dice per sample of bool masks [B, 1, ...] against bool gt_masks -> float32 [B] (1 when both are empty)."""
-    masks, gt_masks = masks.flatten(1), gt_masks.flatten(1)
-    # count_nonzero counts bools without the int64 copy that sum() makes
-    overlap = torch.count_nonzero(masks & gt_masks, dim=1).float()
-    total = (torch.count_nonzero(masks, dim=1) + torch.count_nonzero(gt_masks, dim=1)).float()
-    return torch.where(total > 0, 2.0 * overlap / total.clamp_min(1.0), torch.ones_like(total))
