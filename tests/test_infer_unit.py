@@ -16,9 +16,14 @@ from lib.configs.labels import SAMPLE_LABELS
 from lib.infers.mais import MaisInfer
 from lib.model.build import save_mais
 from lib.model_loader import ModelLoader
-from test_session_unit import image_file, tiny_model  # noqa: F401  (a fixture and a builder)
+from tiny import INSIDE, tiny_model, write_box_image
 
-INSIDE = [15, 17, 13]
+INSIDE = list(INSIDE)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    return write_box_image(tmp_path_factory.mktemp("images") / "box.nii.gz")
 
 
 @pytest.fixture()

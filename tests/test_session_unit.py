@@ -3,7 +3,6 @@ click-history reconciliation and the session store (with its own clock instead o
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -12,26 +11,13 @@ from lib.clicks.history import reconcile
 from lib.clicks.simulator import NEGATIVE, POSITIVE, Click, first_click, next_click
 from lib.evaluation.interactive import evaluate_structure
 from lib.imaging import ModelSpaceImage
-from lib.model.build import EncoderConfig, MaisConfig, build_mais
 from lib.model.interaction import InteractionState, prompt_points
 from lib.session.interactive import InteractiveSession
 from lib.session.store import SessionKey, SessionStore
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
 from lib.training.validation import validate
-
-# A 30^3 image of 4 mm voxels is 80^3 in model space: one crop window holds all of it, so no click opens a
-# second window and the step counts below are the clicks'.
-IMAGE_SHAPE = (30, 30, 30)
-OBJECT = (slice(10, 20), slice(12, 22), slice(8, 18))  # a bright box, the structure to segment
-
-
-def tiny_model(prompt_clicks: str = "all") -> torch.nn.Module:
-    """A one-block encoder on the real 128^3 crops (the session's windows are 128^3); random weights."""
-    torch.manual_seed(0)
-    encoder = EncoderConfig(embed_dim=32, depth=1, num_heads=2, window_size=0, neck_kernel_size=1)
-    return build_mais(MaisConfig(name="tiny", encoder=encoder, memory_size=8, prompt_clicks=prompt_clicks))
-
+from tiny import IMAGE_SHAPE, INSIDE, box_truth, tiny_model, write_box_image
 
 @pytest.fixture(scope="module")
 def model():
@@ -39,23 +25,8 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    volume = np.random.default_rng(0).normal(100.0, 10.0, IMAGE_SHAPE).astype(np.float32)
-    volume[OBJECT] += 200.0
-    path = tmp_path_factory.mktemp("images") / "box.nii.gz"
-    nib.save(nib.Nifti1Image(volume, np.diag([4.0, 4.0, 4.0, 1.0])), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def image(image_file):
-    return ModelSpaceImage.from_file(str(image_file))
-
-
-def truth() -> np.ndarray:
-    mask = np.zeros(IMAGE_SHAPE, dtype=bool)
-    mask[OBJECT] = True
-    return mask
+def image(tmp_path_factory):
+    return ModelSpaceImage.from_file(str(write_box_image(tmp_path_factory.mktemp("images") / "box.nii.gz")))
 
 
 # ------------------------------------------------------------------------------------ the interaction step
@@ -63,8 +34,8 @@ def truth() -> np.ndarray:
 
 def run_session(model, image):
     session = InteractiveSession(image, model)
-    session.apply([(15, 17, 13)], [])
-    session.apply([(15, 17, 13), (11, 13, 9)], [])
+    session.apply([INSIDE], [])
+    session.apply([INSIDE, (11, 13, 9)], [])
 
 
 def run_training_loop(model, image):
@@ -81,7 +52,7 @@ def run_validation(model, image):
 
 
 def run_evaluation(model, image):
-    evaluate_structure(model, image, truth(), "box", "center", clicks=2)
+    evaluate_structure(model, image, box_truth(), "box", "center", clicks=2)
 
 
 # caller -> (batch size, clicks the step was given at each step)
@@ -143,7 +114,7 @@ def test_a_session_is_built_from_image_and_model_only(model, image, field):
 
 def test_a_session_applies_a_history_and_says_what_changed(model, image):
     session = InteractiveSession(image, model)
-    first, second = (15, 17, 13), (11, 13, 9)
+    first, second = INSIDE, (11, 13, 9)
     update = session.apply([first], [])
     assert update.steps_run == 1 and session.clicks == [Click(first, POSITIVE)]
     assert update.predict_s > 0 and update.to_grid_s > 0
@@ -240,7 +211,7 @@ def test_a_session_that_grows_counts_against_the_byte_bound(model, image):
     entry = store.claim(key("busy"), lambda: InteractiveSession(image, model))
     assert len(store) == 2
     with entry.lock:
-        entry.session.apply([(15, 17, 13)], [])
+        entry.session.apply([INSIDE], [])
     assert entry.session.nbytes > fresh + fresh // 10
     store.enforce_bounds(keep=key("busy"))
     assert store.get(key("idle")) is None and store.get(key("busy")) is entry
@@ -257,7 +228,7 @@ def test_a_session_over_the_byte_bound_alone_is_kept(model, image):
 
 
 def test_an_unknown_click_rule_is_refused_not_taken_for_random():
-    gt = truth()
+    gt = box_truth()
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="unknown click rule 'centre'"):
         first_click(gt, rng, "centre")
@@ -269,4 +240,4 @@ def test_an_empty_structure_is_refused_by_name(model, image):
     with pytest.raises(ValueError, match="box: the structure is empty"):
         evaluate_structure(model, image, np.zeros(IMAGE_SHAPE, dtype=bool), "box", "center", clicks=2)
     with pytest.raises(ValueError, match="unknown click preset 'psychic'"):
-        evaluate_structure(model, image, truth(), "box", "psychic", clicks=2)
+        evaluate_structure(model, image, box_truth(), "box", "psychic", clicks=2)
