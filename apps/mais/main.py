@@ -23,8 +23,8 @@ from lib.activelearning.tasks import DisagreementScoring, MostUncertain
 from lib.configs.app_settings import AppConfigError, AppSettings
 from lib.datastore.dicomweb import MaisDICOMWebDatastore
 from lib.infers.mais import MaisInfer
-from lib.model_loader import ModelLoader
 from lib.model.build import WeightsError
+from lib.model_loader import ModelLoader
 from lib.trainers.mais import MaisTrainer
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """The MAIS memory bank: a FIFO of the N most recent interactions of one segmentation session.
 
-A plain object, not an nn.Module: it holds activations, not parameters. One entry = one interaction (one call of `Mais.predict`), as in the paper: that interaction's
-sparse embeddings (its clicks) and dense embedding (its previous low-res mask), both as the memory attention's
-write path leaves them (`MemoryAttention.encode`):
+A plain object, not an nn.Module: it holds activations, not parameters. One entry = one interaction (one call
+of `Mais.predict`), as in the paper: that interaction's sparse embeddings (its clicks) and dense embedding (its
+previous low-res mask), both as the memory attention's write path leaves them (`MemoryAttention.encode`):
 
     sparse_tokens [B, S, C]  the clicks' prompt-encoder embeddings projected to the memory width C (64)
     sparse_valid  [B, S]     bool, False for padding points (label -1)

@@ -35,8 +35,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lib.configs.app_settings import AppSettings, MemoryMode
-from lib.model_loader import ModelLoader
 from lib.model.build import atomic_write
+from lib.model_loader import ModelLoader
 from lib.training.distributed import available_gpus, fit_distributed
 from lib.training.fit import LOGGED_CLICKS, FitConfig, FitResult, TrainingLog, fit
 from lib.training.real_data import MAX_CROP_SHIFT, StructureCrop, image_id, split_by_image, structure_crops
