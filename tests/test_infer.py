@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import nibabel as nib
 import numpy as np
@@ -223,18 +222,21 @@ def test_non_3d_images_get_422(server, client, tmp_path, shape):
     assert "3D" in response.json()["detail"]
 
 
-def test_session_bounds_from_conf_evict_and_expire_without_failing(studies, tmp_path, brain1_lesion):
-    """--conf max_sessions / session_ttl_s bound the store; an evicted or expired user is rebuilt by replay."""
+def test_session_bounds_from_conf_evict_without_failing(studies, tmp_path, brain1_lesion):
+    """--conf max_sessions bounds the store; an evicted user is rebuilt by replay. (Expiry after session_ttl_s is
+    tested with the store's own clock in test_session_unit.py, without waiting.)"""
     second = [brain1_lesion[0] + 3, brain1_lesion[1], brain1_lesion[2]]
-    # a TTL well above a click's worst time on a loaded 2-core machine, so only the sleep below expires a session
-    conf = {"max_sessions": "2", "session_ttl_s": "12"}
-    with MonaiLabelServer(studies, tmp_path / "bounded.log", conf=conf) as bounded:
+    with MonaiLabelServer(studies, tmp_path / "bounded.log", conf={"max_sessions": "2"}) as bounded:
         for user in ("u1", "u2", "u3"):  # u1 is the least recently used when u3 arrives
             slicer_click(bounded.url, user, "brain1", "lesion", [brain1_lesion])
         _, _, evicted = slicer_click(bounded.url, "u1", "brain1", "lesion", [brain1_lesion, second])
         _, _, kept = slicer_click(bounded.url, "u3", "brain1", "lesion", [brain1_lesion, second])
-        time.sleep(13)
-        _, _, expired = slicer_click(bounded.url, "u3", "brain1", "lesion", [brain1_lesion, second])
     assert evicted["steps_run"] == 2, "u1's session should have been evicted and replayed"
     assert kept["steps_run"] == 1, "u3's session should have been kept"
-    assert expired["steps_run"] == 2, "u3's session should have expired after 12 s idle"
+
+
+def test_a_click_reports_its_time_per_stage(server, brain1_lesion):
+    """As MONAI Label's BasicInferTask: `latencies` in seconds for prepare, predict, back to the grid, write."""
+    _, _, result = slicer_click(server.url, "timed", "brain1", "lesion", [brain1_lesion])
+    assert set(result["latencies"]) == {"pre", "infer", "invert", "write", "total"}
+    assert result["latencies"]["infer"] > 0 and result["latencies"]["total"] >= result["latencies"]["infer"]

@@ -108,8 +108,9 @@ def test_memory_changes_the_output_and_its_weights_depend_on_content(model, emb,
         with torch.no_grad():
             with_memory = model.predict(emb, coords, labels, prev, memory)
             empty = model.predict(emb, coords, labels, prev, model.new_memory())
-            altered = memory.copy()
-            altered.truncate(4)
+            altered = model.new_memory()
+            for kept in memory.entries[:4]:
+                altered.push(kept)
             other = model.predict(emb, *clicks(seed=99), torch.randn_like(prev), model.new_memory())
             altered.push(other.memory_entry)  # same slots, except the newest one's content
             with_altered = model.predict(emb, coords, labels, prev, altered)
@@ -132,17 +133,19 @@ def test_memory_changes_the_output_and_its_weights_depend_on_content(model, emb,
         assert att.dense is None
 
 
-def test_undo_restores_the_earlier_prediction_exactly(model, emb):
+def test_a_prediction_leaves_the_memory_as_it_was(model, emb):
+    """Only the pushed entry changes what the memory contributes: predicting alone (a step not committed) does
+    not, so a prediction can be recomputed or discarded."""
     memory, prev = run_session(model, emb, steps=3)
     coords, labels = clicks(seed=21)
     with torch.no_grad():
         before = model.predict(emb, coords, labels, prev, memory).low_res_logits
-        memory.push(model.predict(emb, *clicks(seed=22), prev, memory).memory_entry)
-        changed = model.predict(emb, coords, labels, prev, memory).low_res_logits
-        memory.truncate(len(memory) - 1)
+        discarded = model.predict(emb, *clicks(seed=22), prev, memory)
         after = model.predict(emb, coords, labels, prev, memory).low_res_logits
-    assert not torch.equal(before, changed)
+        memory.push(discarded.memory_entry)
+        changed = model.predict(emb, coords, labels, prev, memory).low_res_logits
     assert torch.equal(before, after)
+    assert not torch.equal(before, changed)
 
 
 def test_fifo_memory_keeps_the_newest_n(emb):

@@ -22,8 +22,9 @@ from monailabel.tasks.activelearning.random import Random
 from lib.activelearning.tasks import DisagreementScoring, MostUncertain
 from lib.configs.app_settings import AppConfigError, AppSettings
 from lib.datastore.dicomweb import MaisDICOMWebDatastore
-from lib.infers.mais import MaisInfer, ModelLoader
+from lib.infers.mais import MaisInfer
 from lib.model.weights import WeightsError
+from lib.model_loader import ModelLoader
 from lib.trainers.mais import MaisTrainer
 from lib.volume_formats import VOLUME_EXTENSIONS
 

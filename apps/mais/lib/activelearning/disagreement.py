@@ -20,7 +20,7 @@ import torch
 
 from lib.imaging import CROP_SIZE, CropWindow, ModelSpaceImage
 from lib.model.mais import Mais
-from lib.training.interaction_loop import hard_dice
+from lib.metrics import batch_dice
 
 
 @dataclass(frozen=True)
@@ -66,4 +66,4 @@ def click_disagreement(model: Mais, image: ModelSpaceImage, point: np.ndarray, o
         torch.ones(batch, 1, dtype=torch.int64, device=device),
     )
     masks = model.upsample_logits(out.low_res_logits) > 0
-    return float(1.0 - hard_dice(masks[1:], masks[:1].expand_as(masks[1:])).mean())
+    return float(1.0 - batch_dice(masks[1:], masks[:1].expand_as(masks[1:])).float().mean())

@@ -18,7 +18,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.activelearning.disagreement import ProbeConfig, image_disagreement
 from lib.imaging import ModelSpaceImage, VolumeError
-from lib.infers.mais import ModelLoader
+from lib.model_loader import ModelLoader
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +37,18 @@ class DisagreementScoring(ScoringMethod):
     def current_score(self, datastore: Datastore, image_id: str) -> float | None:
         """The image's recorded score if the served weights made it, else None."""
         info = datastore.get_image_info(image_id)
-        return info.get(SCORE_KEY) if info.get(WEIGHTS_KEY) == self.model_loader.version else None
+        return info.get(SCORE_KEY) if info.get(WEIGHTS_KEY) == self.model_loader.get().version else None
 
     def score(self, datastore: Datastore, image_id: str) -> float | None:
         """Compute, record and return the image's score; None (logged) for an image that is not a 3D volume."""
-        model, _ = self.model_loader.get()
+        model, version = self.model_loader.get()  # one value: a publish meanwhile must not relabel the score
         try:
             image = ModelSpaceImage.from_file(datastore.get_image_uri(image_id))
         except VolumeError as error:
             logger.warning("%s: not scored: %s", image_id, error)
             return None
         value = round(image_disagreement(model, image, self.probes), 5)
-        datastore.update_image_info(image_id, {SCORE_KEY: value, WEIGHTS_KEY: self.model_loader.version})
+        datastore.update_image_info(image_id, {SCORE_KEY: value, WEIGHTS_KEY: version})
         logger.info("%s: %s %.4f", image_id, SCORE_KEY, value)
         return value
 
@@ -57,7 +57,7 @@ class DisagreementScoring(ScoringMethod):
         for image_id in datastore.get_unlabeled_images():
             current = self.current_score(datastore, image_id)
             scores[image_id] = current if current is not None else self.score(datastore, image_id)
-        return {"method": SCORE_KEY, "weights": self.model_loader.version, "scores": scores}
+        return {"method": SCORE_KEY, "weights": self.model_loader.get().version, "scores": scores}
 
 
 class MostUncertain(Strategy):

@@ -1,6 +1,7 @@
 """Click simulation shared by training and evaluation (see `simulator`)."""
 
 from lib.clicks.simulator import (
+    CLICK_PRESETS,
     NEGATIVE,
     PADDING,
     POSITIVE,
@@ -13,6 +14,7 @@ from lib.clicks.simulator import (
 )
 
 __all__ = [
+    "CLICK_PRESETS",
     "NEGATIVE",
     "PADDING",
     "POSITIVE",

@@ -2,9 +2,11 @@
 
 Conventions
 - One volume is a boolean numpy array [D0, D1, D2]; a batch is a boolean tensor [B, 1, D0, D1, D2].
-- A click is a voxel index (d0, d1, d2) of the crop, the index order the model's `point_coords` use, and a
-  label: 1 positive (the voxel belongs to the object), 0 negative (it does not), -1 padding (no click: there is
-  nothing left to correct, or no object).
+- A click is a voxel index (d0, d1, d2) of the array it was placed on, and a label: 1 positive (the voxel
+  belongs to the object), 0 negative (it does not), -1 padding (no click: there is nothing left to correct, or
+  no object). Training places clicks on 128^3 crops, in the index order the model's `point_coords` use; the
+  evaluation and a server session place them on the original image file ([i, j, k]), which the session maps
+  into its crop windows.
 
 Rules
 - First click, inside the object: `"center"` = its interior-most voxel (maximum of the Euclidean distance
@@ -15,6 +17,9 @@ Rules
   voxel (SAM-Med3D's training rule). Positive on a false negative, negative on a false positive.
 - Noise (optional): Gaussian jitter of the position, and with some probability a "wrong-side" click that lands
   on a voxel just outside the region it was meant for (one voxel across its boundary), keeping its label.
+
+`PLACEMENT_RULES` names the placement rules ("center", "random"); `CLICK_PRESETS` names the complete click
+settings (first rule, next rule, noise) that training, validation and the evaluation choose from.
 
 Randomness comes only from a `numpy.random.Generator` passed in; the batched torch helper draws its torch seed
 from it, so one seed fixes every click.
@@ -34,7 +39,12 @@ from torch import Tensor
 POSITIVE, NEGATIVE, PADDING = 1, 0, -1
 
 ClickRule = Literal["center", "random"]
-CLICK_RULES = ("center", "random")
+PLACEMENT_RULES = ("center", "random")
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in PLACEMENT_RULES:
+        raise ValueError(f"unknown click rule {rule!r}; expected one of {PLACEMENT_RULES}")
 
 
 @dataclass(frozen=True)
@@ -63,13 +73,32 @@ class ClickConfig:
 
     def __post_init__(self) -> None:
         for rule in (self.first_click, self.next_click):
-            if rule not in CLICK_RULES:
-                raise ValueError(f"unknown click rule {rule!r}; expected one of {CLICK_RULES}")
+            _check_rule(rule)
+
+
+# Named click settings. "random" is SAM-Med3D's training rule (uniformly drawn error voxels), the training
+# default; "center" is the deterministic rule of validation and evaluation (interior-most voxel of the largest
+# error, the CVPR 2025 interactive 3D challenge's); "noisy" adds an annotator's imprecision to it.
+CLICK_PRESETS = {
+    "center": ClickConfig(first_click="center", next_click="center"),
+    "random": ClickConfig(first_click="random", next_click="random"),
+    "noisy": ClickConfig(
+        first_click="center", next_click="center", noise=ClickNoise(jitter_voxels=1.5, wrong_side_probability=0.1)
+    ),
+}
+
+
+def click_preset(name: str) -> ClickConfig:
+    """The preset `name` of CLICK_PRESETS; an unknown name is refused."""
+    if name not in CLICK_PRESETS:
+        raise ValueError(f"unknown click preset {name!r}; expected one of {sorted(CLICK_PRESETS)}")
+    return CLICK_PRESETS[name]
 
 
 @dataclass(frozen=True)
 class Click:
-    """One click: `coord` (d0, d1, d2) voxel index; `label` 1 positive or 0 negative."""
+    """One click: `coord` (d0, d1, d2) voxel index of the array it was placed on (module docstring: a crop in
+    training, the original image file in a session); `label` 1 positive or 0 negative."""
 
     coord: tuple[int, int, int]
     label: int
@@ -131,6 +160,7 @@ def first_click(
     gt: np.ndarray, rng: np.random.Generator, rule: ClickRule = "center", noise: ClickNoise = ClickNoise()
 ) -> Click | None:
     """The first click on object `gt` (bool [D0, D1, D2]): positive, inside it; None if `gt` is empty."""
+    _check_rule(rule)
     if not gt.any():
         return None
     coord = interior_point(gt, rng) if rule == "center" else random_point(gt, rng)
@@ -148,6 +178,7 @@ def next_click(
 
     Positive on a false negative, negative on a false positive; None when there is no error.
     """
+    _check_rule(rule)
     if rule == "center":
         found = largest_error_component(gt, pred)
         if found is None:

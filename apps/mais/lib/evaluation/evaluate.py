@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from lib.configs.labels import SAMPLE_LABELS
-from lib.evaluation.interactive import CLICK_RULES, NOC_THRESHOLDS, StructureResult, evaluate_structure
+from lib.clicks.simulator import CLICK_PRESETS
+from lib.evaluation.interactive import NOC_THRESHOLDS, StructureResult, evaluate_structure
 from lib.imaging import ModelSpaceImage, load_volume
 from lib.model.weights import load_mais
 from lib.training.real_data import image_id, labelled_images
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", default="", help="comma-separated image names to keep (default: all)")
     parser.add_argument("--structures", default="", help="comma-separated label names to keep (default: all)")
     parser.add_argument("--labels", type=Path, help="label map JSON (default: the sample labels)")
-    parser.add_argument("--rules", default="center", help=f"comma-separated click rules of {sorted(CLICK_RULES)}")
+    parser.add_argument("--rules", default="center", help=f"comma-separated click rules of {sorted(CLICK_PRESETS)}")
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -114,9 +115,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     rules = args.rules.split(",")
-    unknown = set(rules) - set(CLICK_RULES)
+    unknown = set(rules) - set(CLICK_PRESETS)
     if unknown:
-        parser.error(f"unknown click rule(s) {sorted(unknown)}; known: {sorted(CLICK_RULES)}")
+        parser.error(f"unknown click rule(s) {sorted(unknown)}; known: {sorted(CLICK_PRESETS)}")
 
     data = cases(args)
     if not data:

@@ -2,7 +2,8 @@
 
 Each structure gets a fresh `InteractiveSession` (model-space windows, memory, crop following, mask back on the
 file's grid) and clicks placed by the shared simulator (lib.clicks.simulator) on the ORIGINAL grid, against the
-label file as a user sees it; Dice is measured there too. Rules:
+label file as a user sees it; Dice is measured there too. The click rule is one of the simulator's presets
+(`lib.clicks.simulator.CLICK_PRESETS`):
 - `center`: interior-most voxel of the object, then of the largest error component (deterministic);
 - `random`: a random object voxel, then a random error voxel;
 - `noisy`: `center` with Gaussian jitter (1.5 voxels) and 10% wrong-side clicks.
@@ -15,17 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lib.clicks.simulator import Click, ClickConfig, ClickNoise, first_click, next_click
+from lib.clicks.simulator import Click, ClickConfig, click_preset, first_click, next_click
 from lib.imaging import ModelSpaceImage
+from lib.metrics import dice
 from lib.session.interactive import InteractiveSession
 
-CLICK_RULES = {
-    "center": ClickConfig(first_click="center", next_click="center"),
-    "random": ClickConfig(first_click="random", next_click="random"),
-    "noisy": ClickConfig(
-        first_click="center", next_click="center", noise=ClickNoise(jitter_voxels=1.5, wrong_side_probability=0.1)
-    ),
-}
 NOC_THRESHOLDS = (0.80, 0.85, 0.90)
 # Errors lie inside the bounding box of truth and prediction: the simulator works on that box plus this margin,
 # which keeps distance transforms small on 1 mm whole-brain grids.
@@ -49,22 +44,25 @@ class StructureResult:
 def evaluate_structure(
     model, image: ModelSpaceImage, truth: np.ndarray, structure: str, rule: str, clicks: int, seed: int = 0
 ) -> StructureResult:
-    """K clicks on one structure. truth: bool [I, J, K] on the image file's grid."""
-    config = CLICK_RULES[rule]
+    """K clicks on one structure. truth: bool [I, J, K] on the image file's grid, not empty. rule: a name of
+    CLICK_PRESETS."""
+    config = click_preset(rule)
+    if not truth.any():
+        raise ValueError(f"{structure}: the structure is empty (no voxel of the truth is set)")
     rng = np.random.default_rng(seed)
     session = InteractiveSession(image, model)
-    dice, seconds = [], []
+    scores, seconds = [], []
     for k in range(clicks):
         click = _click(truth, session.mask if k else None, rng, config)
         if click is None:  # nothing left to correct: the mask stays, so does its Dice
-            dice.append(dice[-1])
+            scores.append(scores[-1])
             seconds.append(0.0)
             continue
         started = time.perf_counter()
         session.add_click(click)
         seconds.append(time.perf_counter() - started)
-        dice.append(_dice(session.mask, truth))
-    return StructureResult(structure, rule, dice, seconds)
+        scores.append(dice(session.mask, truth))
+    return StructureResult(structure, rule, scores, seconds)
 
 
 def _click(truth: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, config: ClickConfig) -> Click | None:
@@ -80,8 +78,3 @@ def _click(truth: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator,
     if click is None:
         return None
     return Click(tuple(int(c) for c in np.asarray(click.coord) + lo), click.label)
-
-
-def _dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    total = mask.sum() + truth.sum()
-    return float(2 * np.logical_and(mask, truth).sum() / total) if total else 1.0

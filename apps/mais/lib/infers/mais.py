@@ -1,8 +1,11 @@
 """The `mais` infer task: DeepEdit-style clicks from Slicer, OHIF or scripts, answered from a per-user memory.
 
-A thin MONAI Label adapter: requests are validated (`lib.infers.request`), routed to the user's interaction
-session (`lib.session`), and the session's mask is written in the format the client asked for. A bad request
-is answered with HTTP 422 naming the field; the server stays up.
+A thin MONAI Label adapter: requests are validated (`lib.infers.request`) and checked against the image, routed
+to the user's interaction session (`lib.session`), which applies the request's click history itself, and the
+session's mask is written in the format the client asked for. A bad request is answered with HTTP 422 naming the
+field, unusable served weights with 503 naming the file; the server stays up. The result reports the seconds of
+each stage under `latencies`, with the keys of MONAI Label's BasicInferTask: `pre` (request, weights, image in
+model space, session), `infer` (interaction steps), `invert` (logits back onto the image's grid), `write`.
 
 MONAI Label runs inference inline in its request handler, so a click blocks every other request of the server
 for its duration: keeping a later click to a decoder pass, not an encoder pass, matters for every user.
@@ -14,24 +17,21 @@ import functools
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.transform.writer import Writer
 
-from lib.clicks.history import reconcile
 from lib.clicks.simulator import POSITIVE
 from lib.configs.app_settings import AppSettings
-from lib.devices import resolve_device
 from lib.imaging import ModelSpaceImage, VolumeError
 from lib.infers.request import ClickRequest, RequestError, parse_click_request
-from lib.model.weights import WeightsError, load_mais
+from lib.model.weights import WeightsError
+from lib.model_loader import ModelLoader
 from lib.session.interactive import InteractiveSession
-from lib.session.store import SessionStore
+from lib.session.store import SessionKey, SessionStore
 from lib.volume_formats import volume_extension
 
 logger = logging.getLogger(__name__)
@@ -40,45 +40,10 @@ logger = logging.getLogger(__name__)
 PREPARED_IMAGE_CACHE_SIZE = 8
 
 
-class ModelLoader:
-    """Loads the served weights file (`AppSettings.served_weights`) and reloads it when a training run publishes
-    new weights: the check is one stat() per click, so the next click after a run uses the new weights."""
-
-    def __init__(self, settings: AppSettings):
-        self.settings = settings
-        # "cuda" without a visible GPU serves on the CPU, as "auto" does
-        self.device = resolve_device("cpu" if settings.device == "cpu" else "auto")
-        self._model: torch.nn.Module | None = None
-        self._version: tuple[Path, int] | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.settings.served_weights()
-
-    @property
-    def version(self) -> str:
-        """Names the served weights file and its modification time: changes whenever training publishes."""
-        path = self.path
-        return f"{path.name}@{os.stat(path).st_mtime_ns}"
-
-    def get(self) -> tuple[torch.nn.Module, bool]:
-        """(model, True if it was (re)loaded by this call)."""
-        path = self.path
-        try:
-            version = (path, os.stat(path).st_mtime_ns)
-        except FileNotFoundError:
-            raise WeightsError(f"{path}: no such weights file (--conf weights)") from None
-        if self._model is not None and version == self._version:
-            return self._model, False
-        self._model = load_mais(path, device=self.device, memory_mode=self.settings.memory_mode)
-        self._version = version
-        logger.info("loaded MAIS weights %s on %s", path, self.device)
-        return self._model, True
-
-
 class MaisInfer(InferTask):
     def __init__(self, settings: AppSettings, label_map: dict[str, int], model_loader: ModelLoader):
-        model_config = model_loader.get()[0].config
+        served = model_loader.get()
+        model_config = served.model.config
         super().__init__(
             type=InferType.DEEPEDIT,
             labels=label_map,
@@ -100,6 +65,7 @@ class MaisInfer(InferTask):
             max_sessions=settings.max_sessions,
             max_bytes=settings.max_session_mb * 2**20,
         )
+        self._sessions_version = served.version  # the weights the stored sessions' memories were built by
         self._prepared_image = functools.lru_cache(maxsize=PREPARED_IMAGE_CACHE_SIZE)(self._prepare_image)
 
     def is_valid(self) -> bool:
@@ -107,7 +73,7 @@ class MaisInfer(InferTask):
 
     def forget_image(self, image_path: str) -> None:
         """Start afresh on an image whose label was just saved: the saved label is the new reference."""
-        dropped = self.sessions.drop_where(lambda key: key[1] == image_path)
+        dropped = self.sessions.drop_where(lambda key: key.image == image_path)
         logger.info("dropped %d interaction session(s) of %s", dropped, image_path)
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict]:
@@ -115,30 +81,36 @@ class MaisInfer(InferTask):
         image_path = str(request.get("image") or "")
         try:
             clicks = parse_click_request(
-                request, list(self.label_map), lambda client, clicked: self._ohif_target(client, image_path, clicked)
+                request, list(self.label_map), lambda owner, clicked: self._ohif_target(owner, image_path, clicked)
             )
         except RequestError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
         if not os.path.isfile(image_path):
             raise HTTPException(status_code=404, detail=f"image not found: {request.get('image')!r}")
-
-        model, reloaded = self.model_loader.get()
-        if reloaded:
-            self.sessions.clear()  # memories built by other weights are meaningless to the new ones
-        key = (clicks.session_id or clicks.client_id, image_path, clicks.label)
         try:
-            entry = self.sessions.claim(key, lambda: InteractiveSession(self._prepared(image_path), model))
+            model, version = self.model_loader.get()
+        except WeightsError as error:  # e.g. a published file deleted or damaged by hand: fixable without restart
+            raise HTTPException(status_code=503, detail=f"the served weights cannot be used: {error}") from None
+        if version != self._sessions_version:
+            self.sessions.clear()  # memories built by other weights are meaningless to the new ones
+            self._sessions_version = version
+        try:
+            image = self._prepared(image_path)
         except VolumeError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
+        _check_inside(clicks, image.original_shape)  # before a session exists: a bad click costs no state
 
+        key = SessionKey(clicks.owner, image_path, clicks.label)
+        entry = self.sessions.claim(key, lambda: InteractiveSession(image, model))
+        prepared = time.perf_counter()
         with entry.lock:
             session = entry.session
-            _check_inside(clicks, session.image.original_shape)
-            steps = self._apply(session, clicks)
+            update = session.apply(clicks.positives, clicks.negatives, reset=clicks.reset_state)
             mask = session.mask.astype(clicks.result_dtype) * self.label_map[clicks.label]
-            affine = session.image.original_affine
-            click_count, window_count = len(session.clicks), len(session.windows)
+            affine, click_count, window_count = session.image.original_affine, len(session.clicks), len(session.windows)
+        self.sessions.enforce_bounds(keep=key)  # the session may have grown (new windows)
 
+        written = time.perf_counter()
         label_path, _ = Writer(label="pred")(
             {
                 "image_path": image_path,
@@ -149,36 +121,33 @@ class MaisInfer(InferTask):
                 "result_compress": clicks.result_compress,
             }
         )
+        finished = time.perf_counter()
         result = {
             "label": clicks.label,
             "label_index": self.label_map[clicks.label],
             "clicks": click_count,
-            "steps_run": steps,
+            "steps_run": update.steps_run,
+            "changed_box": None if update.changed_box is None else [list(end) for end in update.changed_box],
             "windows": window_count,
             "voxels": int(np.count_nonzero(mask)),
-            "latency_s": round(time.perf_counter() - started, 4),
-            "weights": self.model_loader.path.name,
+            "latency_s": round(finished - started, 4),
+            "latencies": {
+                "pre": round(prepared - started, 4),
+                "infer": round(update.predict_s, 4),
+                "invert": round(update.to_grid_s, 4),
+                "write": round(finished - written, 4),
+                "total": round(finished - started, 4),
+            },
+            "weights": version.partition("@")[0],
         }
         logger.info("mais %s: %s", key, result)
         return label_path, result
 
-    def _apply(self, session: InteractiveSession, clicks: ClickRequest) -> int:
-        """Bring the session up to the request's click history; returns how many interaction steps ran."""
-        if clicks.reset_state or not (clicks.positives or clicks.negatives):
-            session.reset()
-        update = reconcile(session.clicks, clicks.positives, clicks.negatives)
-        if update.replay is not None:
-            session.replay(update.replay)
-            return len(update.replay)
-        for click in update.new:
-            session.add_click(click)
-        return len(update.new)
-
-    def _ohif_target(self, client_id: str | None, image_path: str, clicked: dict[str, list]) -> str:
+    def _ohif_target(self, owner: str, image_path: str, clicked: dict[str, list]) -> str:
         """OHIF sends no `label`: the target is the last label whose click list differs from its session."""
         changed = []
         for label, points in clicked.items():
-            entry = self.sessions.get((client_id or "anonymous", image_path, label))
+            entry = self.sessions.get(SessionKey(owner, image_path, label))
             applied = [c.coord for c in entry.session.clicks if c.label == POSITIVE] if entry else []
             if applied != [tuple(p) for p in points]:
                 changed.append(label)

@@ -7,7 +7,8 @@ full histories: every request carries all clicks placed so far for the segment.
 - Slicer, DeepEdit type: `{<every label>: [[i, j, k], ...], "label": <current segment>, "client_id": ...}`;
   negative clicks are the points of the `background` segment.
 - OHIF v3, DeepEdit type: the same label-keyed lists, no `label` key: the target is the label whose list
-  received the newest click (the caller resolves it against the stored sessions, see `ohif_target_label`).
+  received the newest click (the caller resolves it against the stored sessions of the request's `owner`, see
+  `parse_click_request`).
 - DeepGrow type (Slicer, scripts): `{"foreground": [...], "background": [...], "label": <optional>}`.
 """
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from lib.volume_formats import ResultDtype, VolumeExtension
 
+ANONYMOUS = "anonymous"  # the client of a request without client_id (OHIF sends none)
 MAX_CLICKS = 1000  # per request; a real annotation needs tens. More is a client bug or abuse.
 
 VoxelIndex = Annotated[StrictInt, Field(ge=0)]
@@ -53,6 +55,12 @@ class ClickRequest:
     result_extension: str | None  # None: the image's own format
     result_dtype: str
     result_compress: bool
+
+    @property
+    def owner(self) -> str:
+        """Whose interaction sessions the request continues: the MONAI Label session of a volume uploaded with
+        `PUT /session/` if the request names one, else the client. The one rule every session key is built by."""
+        return session_owner(self.session_id, self.client_id)
 
 
 class _CommonFields(BaseModel):
@@ -123,8 +131,11 @@ def _check_label(label: str, label_names: list[str]) -> str:
 def parse_click_request(request: dict, label_names: list[str], ohif_target_label) -> ClickRequest:
     """Validate a request of any client shape into a ClickRequest; raises RequestError naming the field.
 
-    ohif_target_label(client_id, clicks_by_label) -> label: resolves OHIF's label-less requests.
+    ohif_target_label(owner, clicks_by_label) -> label: resolves OHIF's label-less requests against the sessions
+    of `owner` (`ClickRequest.owner`).
     """
+    session = request.get("session")
+    session_id = session.get("name") if isinstance(session, dict) else None
     if "foreground" in request:
         fields = _validate(DeepGrowRequest, request)
         label = _check_label(fields.label or _default_label(label_names), label_names)
@@ -142,23 +153,27 @@ def parse_click_request(request: dict, label_names: list[str], ohif_target_label
         }
         if not clicked:
             raise RequestError("params", "no label to segment: send clicks under a label name, or 'label'")
-        label = ohif_target_label(fields.client_id, clicked)
+        label = ohif_target_label(session_owner(session_id, fields.client_id), clicked)
         positives = clicked[label]
     negatives = _point_list(request, "background")
     if len(positives) + len(negatives) > MAX_CLICKS:
         raise RequestError("params", f"{len(positives) + len(negatives)} clicks; at most {MAX_CLICKS} are accepted")
-    session = request.get("session")
     return ClickRequest(
         label=label,
         positives=tuple(tuple(p) for p in positives),
         negatives=tuple(tuple(p) for p in negatives),
-        client_id=fields.client_id or "anonymous",
-        session_id=session.get("name") if isinstance(session, dict) else None,
+        client_id=fields.client_id or ANONYMOUS,
+        session_id=session_id,
         reset_state=fields.reset_state,
         result_extension=fields.result_extension,
         result_dtype=fields.result_dtype,
         result_compress=fields.result_compress,
     )
+
+
+def session_owner(session_id: str | None, client_id: str | None) -> str:
+    """`ClickRequest.owner`: the MONAI Label session if any, else the client (ANONYMOUS when it sent no id)."""
+    return session_id or client_id or ANONYMOUS
 
 
 def _default_label(label_names: list[str]) -> str:

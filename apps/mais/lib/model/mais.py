@@ -10,7 +10,7 @@ Use (the infer task and the trainer call exactly this; build it with `lib.model.
 
 `predict` never changes the memory: the caller pushes the returned entry when the interaction is committed (one
 interaction step = one entry), in training and inference alike. So a prediction can be recomputed or discarded
-without touching the session, and undo is `memory.truncate(len(memory) - 1)` or a `copy()` taken before.
+without touching the session. `lib.model.interaction` is the step every caller runs.
 
 Memory modes (MaisConfig.memory_mode): "none" is exactly SAM-Med3D (the prompt encoder and mask decoder of
 medim on the image embedding, memory ignored), "sparse" / "dense" / "both" add the memory attention's dense term
@@ -38,13 +38,11 @@ class MaisOutput:
     """What one `Mais.predict` returns.
 
     low_res_logits [B, 1, 32, 32, 32]: mask logits at 1/4 resolution (feed back as prev_low_res_logits).
-    iou_predictions [B, 1]: the decoder's mask-quality estimate.
     memory_entry: this interaction's memory, for `MemoryBank.push`.
     attention: the memory attention's weights (None in mode "none").
     """
 
     low_res_logits: Tensor
-    iou_predictions: Tensor
     memory_entry: MemoryEntry
     attention: MemoryAttentionWeights | None
 
@@ -130,14 +128,16 @@ class Mais(nn.Module):
             slots = memory.newest_first() if memory is not None else ()
             memory_term, attention = self.memory_attention(image_embeddings, image_pe, entry, slots, mode)
             src = image_embeddings + memory_term
-        low_res_logits, iou_predictions = self.mask_decoder(
+        # the decoder's second output, its mask-quality estimate, is for choosing among several masks: MAIS asks
+        # for one
+        low_res_logits, _ = self.mask_decoder(
             image_embeddings=src,
             image_pe=image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return MaisOutput(low_res_logits, iou_predictions, entry, attention)
+        return MaisOutput(low_res_logits, entry, attention)
 
     def forward(self, *args, **kwargs) -> MaisOutput:
         """Same as `predict` (so that module hooks and wrappers such as DDP see the trainable path)."""

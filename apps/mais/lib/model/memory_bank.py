@@ -1,9 +1,8 @@
 """The MAIS memory bank: a FIFO of the N most recent interactions of one segmentation session.
 
-A plain object, not an nn.Module: it holds activations, not parameters, and the session store copies, truncates
-and serialises it. One entry = one interaction (one call of `Mais.predict`), as in the paper: that interaction's
-sparse embeddings (its clicks) and dense embedding (its previous low-res mask), both as the memory attention's
-write path leaves them (`MemoryAttention.encode`):
+A plain object, not an nn.Module: it holds activations, not parameters. One entry = one interaction (one call
+of `Mais.predict`), as in the paper: that interaction's sparse embeddings (its clicks) and dense embedding (its
+previous low-res mask), both as the memory attention's write path leaves them (`MemoryAttention.encode`):
 
     sparse_tokens [B, S, C]  the clicks' prompt-encoder embeddings projected to the memory width C (64)
     sparse_valid  [B, S]     bool, False for padding points (label -1)
@@ -17,17 +16,15 @@ element, against 786 KB / 47 MB for the raw fp32 embedding. The recency of a slo
 attention's age embedding), so an entry never changes once written. Fields the memory mode does not read are
 None (mode "none" stores empty entries, so len() still counts interactions).
 
-Entries are never modified in place: `copy()` shares their tensors, which makes an undo snapshot O(N) pointers.
-During training the entries keep their autograd graph (the loss of step k reaches the write path of steps < k);
-`state_dict()` detaches and moves them to the CPU.
+Entries are never modified in place. During training they keep their autograd graph (the loss of step k reaches
+the write path of steps < k). An undo does not edit the bank: the session replays the remaining clicks
+(`lib.session.interactive`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,15 +49,15 @@ class MemoryEntry:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)
 
-    def convert(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> MemoryEntry:
-        """Floating tensors to `dtype` (None keeps theirs), all tensors to `device` (None keeps theirs)."""
+    def convert(self, dtype: torch.dtype | None) -> MemoryEntry:
+        """Floating tensors to `dtype` (None keeps theirs)."""
+        if dtype is None:
+            return self
         changes = {}
         for name in _FIELDS:
             t = getattr(self, name)
-            if t is not None:
-                changes[name] = t.to(
-                    device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None
-                )
+            if t is not None and t.is_floating_point():
+                changes[name] = t.to(dtype)
         return dataclasses.replace(self, **changes)
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
@@ -111,58 +108,6 @@ class MemoryBank:
         if len(self._entries) > self.capacity:
             del self._entries[0]
 
-    def truncate(self, length: int) -> None:
-        """Keep the `length` oldest entries, dropping the newer ones (undo of the last len - length pushes).
-
-        An undo across an eviction cannot bring the evicted entry back: take a `copy()` before a push to undo it
-        exactly in every case.
-        """
-        if not 0 <= length <= len(self._entries):
-            raise ValueError(f"cannot truncate a memory bank of {len(self)} entries to {length}")
-        del self._entries[length:]
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def copy(self) -> MemoryBank:
-        """An independent bank with the same entries (entries are immutable, so their tensors are shared)."""
-        other = MemoryBank(self.capacity, self.batch_size, self.dtype)
-        other._entries = list(self._entries)
-        return other
-
-    def to(self, device: torch.device | str) -> MemoryBank:
-        """A copy with every tensor on `device`."""
-        other = MemoryBank(self.capacity, self.batch_size, self.dtype)
-        other._entries = [e.convert(device=device) for e in self._entries]
-        return other
-
     def nbytes(self) -> int:
         """Bytes held by the entries' tensors."""
         return sum(e.nbytes() for e in self._entries)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain dict of ints, strings and CPU tensors (detached), loadable with torch.load(weights_only=True)."""
-        return {
-            "capacity": self.capacity,
-            "batch_size": self.batch_size,
-            "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
-            "entries": [
-                {name: None if t is None else t.detach().cpu() for name, t in zip(_FIELDS, e._tensors())}
-                for e in self._entries
-            ],
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str | None = None) -> MemoryBank:
-        """Inverse of `state_dict()`; tensors go to `device` (None: CPU)."""
-        dtype = None if state["dtype"] is None else getattr(torch, state["dtype"])
-        bank = cls(int(state["capacity"]), int(state["batch_size"]), dtype)
-        entries: Sequence[dict[str, Tensor | None]] = state["entries"]
-        if len(entries) > bank.capacity:
-            raise ValueError(f"memory state holds {len(entries)} entries, more than its capacity {bank.capacity}")
-        for fields in entries:
-            unknown = set(fields) - set(_FIELDS)
-            if unknown:
-                raise ValueError(f"memory state has unknown entry fields {sorted(unknown)}")
-            bank.push(MemoryEntry(**fields).convert(device=device))
-        return bank

@@ -1,27 +1,35 @@
 """One user segmenting one label on one image: the clicks so far, the memory they built, the current mask.
 
-Each click is one interaction step, in arrival order: the model sees every click inside the crop window so far
-(only the new click when its config.prompt_clicks is "latest"), the window's previous low-res logits and the
-window's memory bank of earlier steps; the step's memory entry is then pushed (the same order as
-`lib.training.interaction_loop`). A click far from the current window (or outside it) opens a window centred on
-it, seeded with the mask predicted so far, so a structure larger than one 128^3 crop (192 mm) is segmented window
-by window instead of being cut at the crop border.
+Each click is one interaction step (`lib.model.interaction`, the step the training loop runs), in arrival
+order: the step sees every click inside the crop window so far (only the new click when the model's
+config.prompt_clicks is "latest"), the window's previous low-res logits and the window's memory bank of earlier
+steps. A click far from the current window (or outside it) opens a window centred on it, seeded with the mask
+predicted so far, so a structure larger than one 128^3 crop (192 mm) is segmented window by window instead of
+being cut at the crop border.
 
-Undo and lost state are the same operation: `replay` rebuilds everything from a click list, which is also what
-happens after a server restart, because clients resend their full history with every request.
+A request brings the segment's full click history (`apply`): the session reconciles it with the clicks it has
+applied (`lib.clicks.history`) and runs only the new ones. Undo and lost state are the same operation: `replay`
+rebuilds everything from a click list, which is also what happens after a server restart, because clients
+resend their full history with every request.
+
+Click coordinates here are voxel indices [i, j, k] of the ORIGINAL image file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lib.clicks.history import Voxel, reconcile
 from lib.clicks.simulator import Click
 from lib.imaging import BACKGROUND_LOGIT, CROP_MARGIN, CROP_SIZE, CropWindow, ModelSpaceImage
+from lib.model.interaction import InteractionState
 
 LOW_RES_SIZE = 32  # the mask decoder's output grid (128 / 4)
 # A mask with fewer voxels than this on a window face is a touch, not a structure running on: not followed.
@@ -33,35 +41,79 @@ BORDER_POINT_DEPTH = 4
 
 @dataclass
 class _Window:
-    """A crop window's own state: its image embedding [1, C, 8, 8, 8], memory bank and last low-res logits."""
+    """A crop window's own state: its image embedding [1, C, 8, 8, 8], its interaction (memory bank and last
+    low-res logits) and the model-space [lo, hi) box of its last positive logits."""
 
     crop: CropWindow
     image_embedding: Tensor
-    memory: object  # lib.model MemoryBank
-    low_res_logits: Tensor | None = None
-    positive_box: tuple[np.ndarray, np.ndarray] | None = None  # model-space [lo, hi) of the last positive logits
+    interaction: InteractionState
+    positive_box: tuple[np.ndarray, np.ndarray] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class SessionUpdate:
+    """What one `InteractiveSession.apply` changed.
+
+    steps_run: interaction steps run (the new clicks, or every click of a replay). changed_box: the
+    ([i, j, k] lo, hi) box of the original grid outside which the mask is as before, None if nothing changed.
+    predict_s: seconds spent predicting; to_grid_s: seconds spent resampling logits back onto the original grid.
+    """
+
+    steps_run: int
+    changed_box: tuple[tuple[int, int, int], tuple[int, int, int]] | None
+    predict_s: float
+    to_grid_s: float
+
+
 class InteractiveSession:
-    """State of one interaction session. Not thread-safe: the session store serialises access."""
+    """State of one interaction session. Not thread-safe: the session store serialises access.
 
-    image: ModelSpaceImage
-    model: torch.nn.Module
-    clicks: list[Click] = field(default_factory=list)
-    windows: list[_Window] = field(default_factory=list)
-    logits: Tensor | None = None  # [1, X, Y, Z] float16 model-space logits so far, on the model's device
-    mask: np.ndarray | None = None  # [I, J, K] bool on the original grid
+    image: the image in model space (shared read-only with other sessions of it). model: the shared `Mais`.
+    clicks: the applied clicks, arrival order. windows: the crop windows opened so far. logits [1, X, Y, Z]
+    float16 model-space logits so far, on the model's device. mask [I, J, K] bool on the original grid.
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(self, image: ModelSpaceImage, model: torch.nn.Module):
+        self.image = image
+        self.model = model
+        self.clicks: list[Click] = []
+        self.windows: list[_Window] = []
+        self.logits: Tensor
+        self.mask: np.ndarray
+        self._to_grid_s = 0.0  # time spent in `to_original_grid` since the last `apply` began
+        self._changed: tuple[np.ndarray, np.ndarray] | None = None  # original-grid box changed since then
         self.reset()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def apply(
+        self, positives: Sequence[Voxel], negatives: Sequence[Voxel], reset: bool = False
+    ) -> SessionUpdate:
+        """Bring the session up to a request's full click history (original voxels [i, j, k], each list in
+        arrival order): only clicks not yet applied run, unless a click was removed (then the rest is replayed).
+        reset, or an empty history, starts afresh first."""
+        started = time.perf_counter()
+        self._to_grid_s, self._changed = 0.0, None
+        if reset or not (positives or negatives):
+            self.reset()
+        update = reconcile(self.clicks, positives, negatives)
+        if update.replay is not None:
+            self.replay(update.replay)
+            steps = len(update.replay)
+        else:
+            for click in update.new:
+                self.add_click(click)
+            steps = len(update.new)
+        changed = None if self._changed is None else tuple(tuple(int(v) for v in end) for end in self._changed)
+        elapsed = time.perf_counter() - started
+        return SessionUpdate(steps, changed, elapsed - self._to_grid_s, self._to_grid_s)
+
     def reset(self) -> None:
         """Forget every click, window and mask (the image and its model-space volume stay)."""
+        if self.clicks:  # the whole mask may go
+            self._mark_changed(np.zeros(3, dtype=int), np.asarray(self.image.original_shape))
         self.clicks, self.windows = [], []
         self.logits = torch.full((1, *self.image.shape), BACKGROUND_LOGIT, dtype=torch.float16, device=self.device)
         self.mask = np.zeros(self.image.original_shape, dtype=bool)
@@ -79,27 +131,21 @@ class InteractiveSession:
         model_points = self.image.to_model_voxels(np.array([c.coord for c in self.clicks]))  # [N, 3]
         window = self._window_for(model_points[-1])
         inside = np.array([window.crop.contains(point) for point in model_points])
-        if self.model.config.prompt_clicks == "latest":
-            inside[:-1] = False
-        point_coords = torch.from_numpy(window.crop.to_local(model_points[inside])).to(self.device)[None]  # [1, P, 3]
+        click_coords = torch.from_numpy(window.crop.to_local(model_points[inside])).to(self.device)[None]  # [1, N, 3]
         labels = [c.label for c, keep in zip(self.clicks, inside) if keep]
-        point_labels = torch.tensor([labels], device=self.device)  # [1, P]
-        window_logits = self._step(window, point_coords, point_labels)
+        click_labels = torch.tensor([labels], device=self.device)  # [1, N]
+        window_logits = self._step(window, click_coords, click_labels)
         neighbour = self._neighbour_across_border(window, window_logits)
         if neighbour is not None:
             self._step(*neighbour, keep=window.crop)
 
     def _step(
-        self, window: _Window, point_coords: Tensor, point_labels: Tensor, keep: CropWindow | None = None
+        self, window: _Window, click_coords: Tensor, click_labels: Tensor, keep: CropWindow | None = None
     ) -> Tensor:
-        """Predict in `window` with these points [1, P, 3] / [1, P], its memory and last logits; push the step's
-        memory entry and update the mask. Where `keep` overlaps, the logits so far stay (an extension adds to
-        the clicked window's prediction, it does not overwrite it). Returns the window's logits [1, 128^3]."""
-        output = self.model.predict(
-            window.image_embedding, point_coords, point_labels, window.low_res_logits, window.memory
-        )
-        window.memory.push(output.memory_entry)
-        window.low_res_logits = output.low_res_logits
+        """One interaction step in `window` with these clicks [1, N, 3] / [1, N] (window voxels, the newest
+        last), then the mask update. Where `keep` overlaps, the logits so far stay (an extension adds to the
+        clicked window's prediction, it does not overwrite it). Returns the window's logits [1, 128^3]."""
+        output = window.interaction.step(self.model, window.image_embedding, click_coords, click_labels)
         window_logits = self.model.upsample_logits(output.low_res_logits)[0].float()  # [1, 128, 128, 128]
         if keep is not None:
             kept = (slice(None), *window.crop.overlap(keep))
@@ -111,7 +157,7 @@ class InteractiveSession:
     def _neighbour_across_border(self, window: _Window, window_logits: Tensor) -> tuple | None:
         """Where the mask runs into a face of the window behind which the image goes on, the window half a crop
         further that way, with a positive point on the mask just inside that face (in the neighbour's
-        coordinates): (window, point_coords, point_labels). None when the mask stays inside or a window is there.
+        coordinates): (window, click_coords, click_labels). None when the mask stays inside or a window is there.
 
         Once per click at most, so a click costs at most two steps; the structure is followed further by the
         next click, as the clicks beyond a window open their own (see `_window_for`).
@@ -141,9 +187,9 @@ class InteractiveSession:
         nearest = crossing[np.argmin(np.abs(crossing - crossing.mean(0)).sum(1))]
         point = np.insert(nearest, axis, inner) + start
         neighbour = self._open_window(crop)
-        point_coords = torch.from_numpy(crop.to_local(point[None])).to(self.device)[None]  # [1, 1, 3]
-        point_labels = torch.ones((1, 1), dtype=torch.long, device=self.device)
-        return neighbour, point_coords, point_labels
+        click_coords = torch.from_numpy(crop.to_local(point[None])).to(self.device)[None]  # [1, 1, 3]
+        click_labels = torch.ones((1, 1), dtype=torch.long, device=self.device)
+        return neighbour, click_coords, click_labels
 
     def _update_mask(self, window: _Window, window_logits: Tensor) -> None:
         """Bring the original-grid mask up to date where this step's or the window's previous positives lie."""
@@ -160,8 +206,17 @@ class InteractiveSession:
             return
         lo = np.min([box[0] for box in boxes], axis=0)
         hi = np.max([box[1] for box in boxes], axis=0)
+        started = time.perf_counter()
         original_box, box_mask = self.image.to_original_grid(self.logits, lo, hi)
+        self._to_grid_s += time.perf_counter() - started
         self.mask[original_box] = box_mask
+        self._mark_changed(np.array([b.start for b in original_box]), np.array([b.stop for b in original_box]))
+
+    def _mark_changed(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Grow the changed box of the current `apply` by the original-grid box [lo, hi)."""
+        if self._changed is not None:
+            lo, hi = np.minimum(lo, self._changed[0]), np.maximum(hi, self._changed[1])
+        self._changed = (lo, hi)
 
     def _window_for(self, point: np.ndarray) -> _Window:
         """The window a click at model-space `point` [3] is predicted in; opens a new one where none fits."""
@@ -173,11 +228,12 @@ class InteractiveSession:
     def _open_window(self, crop: CropWindow) -> _Window:
         """A new window: its image embedding, an empty memory, and as previous mask what other windows found."""
         volume = crop.extract(self.image.volume, fill=self.image.pad_value)[None].to(self.device)
-        window = _Window(crop, self.model.embed_image(volume), self.model.new_memory(batch_size=1))
+        window = _Window(crop, self.model.embed_image(volume), InteractionState.start(self.model, batch_size=1))
         if self.windows:  # continue from what earlier windows predicted here
             seed = crop.extract(self.logits.float(), fill=BACKGROUND_LOGIT)[None]  # [1, 1, 128, 128, 128]
             if (seed > 0).any():
-                window.low_res_logits = F.interpolate(seed, size=(LOW_RES_SIZE,) * 3, mode="trilinear").to(self.device)
+                low_res_seed = F.interpolate(seed, size=(LOW_RES_SIZE,) * 3, mode="trilinear")
+                window.interaction.low_res_logits = low_res_seed.to(self.device)
         self.windows.append(window)
         return window
 
@@ -187,5 +243,5 @@ class InteractiveSession:
         total = self.image.nbytes + self.logits.numel() * self.logits.element_size() + self.mask.nbytes
         for window in self.windows:
             total += window.image_embedding.numel() * window.image_embedding.element_size()
-            total += window.memory.nbytes()
+            total += window.interaction.memory.nbytes()
         return total

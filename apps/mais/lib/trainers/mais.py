@@ -36,8 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lib.atomic_file import atomic_write
 from lib.configs.app_settings import AppSettings, MemoryMode
-from lib.infers.mais import ModelLoader
 from lib.model.config import MEMORY_MODES
+from lib.model_loader import ModelLoader
 from lib.training.config import FitConfig
 from lib.training.distributed import available_gpus, fit_distributed
 from lib.training.loop import FitResult, fit

@@ -2,14 +2,13 @@
 
 Step k = 1..K (the infer task does the same for each user click, with the user's click instead of a simulated one):
     1. click_k = the simulator's first click (k = 1) or the click correcting mask_{k-1} (k > 1)
-    2. point_coords [B, P, 3], point_labels [B, P] = the clicks the prompt encoder gets, in crop voxels
-       (d0, d1, d2): all clicks so far, oldest first (P = k), or only click_k (P = 1) when the model's
-       config.prompt_clicks is "latest"; a row with nothing left to correct gets a padding point (label -1)
-    3. out_k = model.predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
-       with prev_low_res_logits = None for k = 1, else out_{k-1}.low_res_logits;
-       the memory holds interactions 1..k-1 while step k is predicted
-    4. memory.push(out_k.memory_entry)      (the caller pushes, once per step: see lib/model/mais.py)
-    5. logits_k = model.upsample_logits(out_k.low_res_logits) [B, 1, 128, 128, 128]; mask_k = logits_k > 0
+    2. the clicks so far [B, k, 3] / [B, k] in crop voxels (d0, d1, d2), oldest first; a row with nothing left
+       to correct gets a padding point (label -1)
+    3. out_k = the interaction step (`lib.model.interaction`, the one the server's session runs): the prompt
+       encoder gets all k clicks or only click_k (the model's config.prompt_clicks), the memory holds steps
+       1..k-1 and the previous mask is out_{k-1}.low_res_logits (none for k = 1); step k's memory entry is
+       pushed after it
+    4. logits_k = model.upsample_logits(out_k.low_res_logits) [B, 1, 128, 128, 128]; mask_k = logits_k > 0
 Loss = sum over k of Dice(logits_k, ground truth), plus ce_weight * binary cross-entropy when asked.
 
 Gradients: the fed-back low-res logits are detached (at inference they are a given input; it also keeps every
@@ -26,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lib.clicks.simulator import ClickConfig, sample_clicks
+from lib.clicks.simulator import CLICK_PRESETS, ClickConfig, sample_clicks
+from lib.metrics import batch_dice
+from lib.model.interaction import InteractionState, concat_points
 
 # SAM-Med3D trains with uniformly drawn error voxels; the distance-transform rule is the evaluation's.
-TRAINING_CLICKS = ClickConfig(first_click="random", next_click="random")
+TRAINING_CLICKS = CLICK_PRESETS["random"]
 
 
 @dataclass(frozen=True)
@@ -73,26 +74,17 @@ def run_interaction(
         raise ValueError(f"gt_masks must be bool [B, 1, S, S, S] with B = {image_embeddings.shape[0]}")
     B = gt_masks.shape[0]
     target = gt_masks.float()  # converted once: a 128^3 bool -> float copy per step is measurable on the CPU
-    memory = model.new_memory(batch_size=B)
-    point_coords = gt_masks.new_zeros((B, 0, 3), dtype=torch.float32)
-    point_labels = gt_masks.new_zeros((B, 0), dtype=torch.int64)
-    prev_low_res_logits = None
-    masks = None
+    state = InteractionState.start(model, batch_size=B)
+    click_coords = click_labels = masks = None
     step_losses, step_dice = [], []
     for _ in range(config.num_clicks):
         new_coords, new_labels = sample_clicks(gt_masks, masks, rng, config.clicks)
-        if model.config.prompt_clicks == "latest":
-            point_coords, point_labels = new_coords, new_labels
-        else:
-            point_coords = torch.cat([point_coords, new_coords], dim=1)
-            point_labels = torch.cat([point_labels, new_labels], dim=1)
-        out = model.predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
-        memory.push(out.memory_entry)
+        click_coords, click_labels = concat_points(click_coords, click_labels, new_coords, new_labels)
+        out = state.step(model, image_embeddings, click_coords, click_labels)
         logits = model.upsample_logits(out.low_res_logits).float()
         step_losses.append(segmentation_loss(logits, target, config.ce_weight))
         masks = logits.detach() > 0
-        step_dice.append(hard_dice(masks, gt_masks).mean())
-        prev_low_res_logits = out.low_res_logits.detach()
+        step_dice.append(batch_dice(masks, gt_masks).float().mean())
     return InteractionResult(torch.stack(step_losses).sum(), torch.stack(step_dice).float(), masks)
 
 
@@ -110,12 +102,3 @@ def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tenso
     target = target.flatten(1)
     overlap = (probabilities * target).sum(1)
     return 1.0 - (2.0 * overlap + smooth) / (probabilities.sum(1) + target.sum(1) + smooth)
-
-
-def hard_dice(masks: Tensor, gt_masks: Tensor) -> Tensor:
-    """Dice per sample of bool masks [B, 1, ...] against bool gt_masks -> float32 [B] (1 when both are empty)."""
-    masks, gt_masks = masks.flatten(1), gt_masks.flatten(1)
-    # count_nonzero counts bools without the int64 copy that sum() makes
-    overlap = torch.count_nonzero(masks & gt_masks, dim=1).float()
-    total = (torch.count_nonzero(masks, dim=1) + torch.count_nonzero(gt_masks, dim=1)).float()
-    return torch.where(total > 0, 2.0 * overlap / total.clamp_min(1.0), torch.ones_like(total))

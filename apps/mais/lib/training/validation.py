@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lib.clicks.simulator import ClickConfig
+from lib.clicks.simulator import CLICK_PRESETS
 from lib.model.mais import Mais
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
 
-VALIDATION_CLICKS = ClickConfig(first_click="center", next_click="center")
+VALIDATION_CLICKS = CLICK_PRESETS["center"]
 
 
 @dataclass

@@ -1,0 +1,127 @@
+"""The infer task, the model loader and active-learning scoring on a tiny model, called as MONAI Label calls
+them, without a server."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
+
+from lib.activelearning.disagreement import ProbeConfig
+from lib.activelearning.tasks import WEIGHTS_KEY, DisagreementScoring
+from lib.configs.app_settings import AppSettings
+from lib.configs.labels import SAMPLE_LABELS
+from lib.infers.mais import MaisInfer
+from lib.model.weights import save_mais
+from lib.model_loader import ModelLoader
+from tiny import INSIDE, tiny_model, write_box_image
+
+INSIDE = list(INSIDE)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    return write_box_image(tmp_path_factory.mktemp("images") / "box.nii.gz")
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    save_mais(tiny_model(), tmp_path / "tiny.pt")
+    return AppSettings(weights=tmp_path / "tiny.pt", train_dir=tmp_path / "train")
+
+
+@pytest.fixture()
+def infer(settings):
+    return MaisInfer(settings, dict(SAMPLE_LABELS), ModelLoader(settings))
+
+
+def slicer(image_file, label: str, points: list, **extra) -> dict:
+    return {"image": str(image_file), "label": label, label: points, "background": [], **extra}
+
+
+def test_the_result_reports_seconds_per_stage_as_monai_label_does(infer, image_file):
+    label_path, result = infer(slicer(image_file, "lesion", [INSIDE]))
+    latencies = result["latencies"]
+    assert set(latencies) == {"pre", "infer", "invert", "write", "total"}
+    assert all(v > 0 for v in latencies.values()), latencies
+    assert latencies["pre"] + latencies["infer"] + latencies["invert"] + latencies["write"] <= latencies["total"] + 1e-3
+    assert result["steps_run"] == 1 and result["changed_box"] is not None and label_path
+
+
+def test_a_click_outside_the_image_creates_no_session(infer, image_file):
+    with pytest.raises(HTTPException) as error:
+        infer(slicer(image_file, "lesion", [INSIDE, [30, 0, 0]]))
+    assert error.value.status_code == 422 and "outside the image of shape (30, 30, 30)" in error.value.detail
+    assert len(infer.sessions) == 0
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+def test_unusable_published_weights_answer_503_naming_the_file(infer, settings, image_file, damage):
+    settings.train_dir.mkdir()
+    published = settings.trained_weights
+    shutil.copy(settings.weights, published)
+    infer(slicer(image_file, "lesion", [INSIDE]))
+    if damage == "deleted":  # the served file is gone: its own error names it, as settings now serve `weights`
+        settings.weights.unlink()
+        published.unlink()
+        missing = settings.weights
+    else:
+        published.write_bytes(b"not a weights file")
+        missing = published
+    for _ in range(2):  # every click gets the answer, the task stays usable once the file is fixed
+        with pytest.raises(HTTPException) as error:
+            infer(slicer(image_file, "lesion", [INSIDE]))
+        assert error.value.status_code == 503 and str(missing) in error.value.detail
+    save_mais(tiny_model(), missing)
+    assert infer(slicer(image_file, "lesion", [INSIDE]))[1]["steps_run"] == 1
+
+
+def test_ohif_on_a_put_session_volume_continues_the_label_that_got_the_click(infer, image_file):
+    """Sessions of a PUT /session/ volume belong to the MONAI Label session: OHIF's label-less request must be
+    matched against them, not against an anonymous client's (which made every label look changed)."""
+    session = {"name": "volume-session-1"}
+    first, second, other = INSIDE, [11, 13, 9], [20, 20, 20]
+    infer({**slicer(image_file, "lesion", [first]), "session": session})
+    infer({**slicer(image_file, "white_matter", [other]), "session": session})
+    ohif = {"image": str(image_file), "lesion": [first, second], "white_matter": [other], "background": []}
+    _, result = infer({**ohif, "session": session})
+    assert result["label"] == "lesion" and result["steps_run"] == 1 and result["clicks"] == 2
+
+
+class PublishingDatastore(LocalDatastore):
+    """MONAI Label's local datastore, publishing new weights while a score is being computed (as a training run
+    finishing at that moment would)."""
+
+    publish = None
+
+    def get_image_uri(self, image_id: str) -> str:
+        if self.publish:
+            self.publish()
+            self.publish = None
+        return super().get_image_uri(image_id)
+
+
+def test_a_score_is_filed_under_the_weights_that_computed_it(settings, image_file, tmp_path):
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(image_file, studies / "box.nii.gz")
+    datastore = PublishingDatastore(str(studies))
+    loader = ModelLoader(settings)
+    scoring = DisagreementScoring(loader, ProbeConfig(probes=1))
+    scored_by = loader.get().version
+    datastore.publish = lambda: save_mais(tiny_model(), settings.trained_weights)
+    scoring.score(datastore, "box")
+    assert datastore.get_image_info("box")[WEIGHTS_KEY] == scored_by
+    # the weights served now did not make it: it is stale, and the next scoring run recomputes it
+    assert loader.get().version != scored_by and scoring.current_score(datastore, "box") is None
+
+
+def test_the_loader_reloads_only_when_the_file_changes(settings):
+    loader = ModelLoader(settings)
+    served = loader.get()
+    assert loader.get() is served
+    save_mais(tiny_model(), settings.trained_weights)
+    republished = loader.get()
+    assert republished.model is not served.model and republished.version.startswith("mais_trained.pt@")

@@ -1,0 +1,39 @@
+"""A tiny MAIS model and a tiny image for the tests that run without a server (seconds, CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from lib.model.builder import build_mais
+from lib.model.config import EncoderConfig, MaisConfig
+
+# A 30^3 image of 4 mm voxels is 80^3 in model space: one crop window holds all of it, so no click opens a
+# second window and a session runs one step per click.
+IMAGE_SHAPE = (30, 30, 30)
+OBJECT = (slice(10, 20), slice(12, 22), slice(8, 18))  # a bright box, the structure to segment
+INSIDE = (15, 17, 13)  # a voxel of it
+
+
+def tiny_model(prompt_clicks: str = "all") -> torch.nn.Module:
+    """A one-block encoder on the real 128^3 crops (the session's windows are 128^3); seeded random weights."""
+    torch.manual_seed(0)
+    encoder = EncoderConfig(embed_dim=32, depth=1, num_heads=2, window_size=0, neck_kernel_size=1)
+    return build_mais(MaisConfig(name="tiny", encoder=encoder, memory_size=8, prompt_clicks=prompt_clicks))
+
+
+def write_box_image(path: Path) -> Path:
+    """The image: noise with the bright OBJECT box, 4 mm voxels, as NIfTI."""
+    volume = np.random.default_rng(0).normal(100.0, 10.0, IMAGE_SHAPE).astype(np.float32)
+    volume[OBJECT] += 200.0
+    nib.save(nib.Nifti1Image(volume, np.diag([4.0, 4.0, 4.0, 1.0])), path)
+    return path
+
+
+def box_truth() -> np.ndarray:
+    mask = np.zeros(IMAGE_SHAPE, dtype=bool)
+    mask[OBJECT] = True
+    return mask
