@@ -13,6 +13,8 @@ from server import SAMPLE_DATA, MonaiLabelServer, run_until_exit
 LABELLED_IMAGES = {"colin27_t1", "icbm2009a_t1", "brain1", "lung1"}
 UNLABELLED_IMAGES = {"colin27_t1_brain", "breast1"}
 
+pytestmark = pytest.mark.server  # every test starts a server, or a start that must fail
+
 
 def test_info_lists_mais_with_the_sample_labels(server):
     info = requests.get(f"{server.url}/info/", timeout=30).json()

@@ -3,15 +3,13 @@
 label goes back to Orthanc as DICOM SEG, and training reads it from there.
 
 Orthanc comes from Debian (`orthanc`, `orthanc-dicomweb`; `.ci/run` installs them), listens on 127.0.0.1 only
-and stores into a temporary folder.
+and stores into a temporary folder (the `orthanc` and `pacs_server` fixtures in conftest.py, shared with
+test_ohif.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,68 +23,11 @@ from monai.transforms import LoadImage, Orientation
 from monailabel.client import MONAILabelClient
 
 from clicking import dice, interior_voxel
-from server import SAMPLE_DATA, MonaiLabelServer, free_port
+from server import SAMPLE_DATA, MonaiLabelServer
 
-DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 RAS = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
-
-@pytest.fixture(scope="module")
-def series(sample_dicom) -> dict[str, str]:
-    """{image name: SeriesInstanceUID}."""
-    return {
-        d.name: pydicom.dcmread(next(d.iterdir()), stop_before_pixels=True).SeriesInstanceUID
-        for d in sample_dicom.iterdir()
-    }
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory, sample_dicom):
-    """A running Orthanc with the sample series uploaded; yields its DICOMweb root URL."""
-    orthanc_binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-    assert Path(orthanc_binary).exists(), "Orthanc is not installed: apt-get install orthanc orthanc-dicomweb"
-    root = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = {
-        "Name": "mais-tests",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpPort": port,
-        "DicomPort": free_port(),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "Plugins": [DICOMWEB_PLUGIN],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    with open(root / "orthanc.log", "wb") as log:
-        process = subprocess.Popen([orthanc_binary, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(60):
-            try:
-                if requests.get(f"{url}/system", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        for path in sorted(sample_dicom.rglob("*.dcm")):
-            requests.post(f"{url}/instances", data=path.read_bytes(), timeout=30).raise_for_status()
-        yield f"{url}/dicom-web"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def pacs_server(orthanc, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pacs-server")
-    env = {
-        "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}",  # MONAI Label lists only CT series unless told otherwise
-        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(root / "cache"),
-    }
-    with MonaiLabelServer(orthanc, root / "server.log", env=env) as server:
-        yield server
-        print(server.log()[-3000:])
+pytestmark = [pytest.mark.pacs, pytest.mark.server]
 
 
 def test_datastore_lists_the_series(pacs_server, series):
@@ -257,7 +198,7 @@ def test_a_fresh_server_trains_on_the_seg_in_the_pacs(saved_seg, orthanc, series
     one's ReferencedSeriesSequence. A server with an empty cache (not the one that saved the label) has to
     download the SEG and decode it, so this is the path of a SEG from any other source too."""
     env = {"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}", "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
-    options = {"epochs": 1, "val_split": 0, "crops_per_structure": 1, "batch_size": 1, "clicks": 2}
+    options = {"max_epochs": 1, "val_split": 0, "crops_per_structure": 1, "train_batch_size": 1, "clicks": 2}
     with MonaiLabelServer(orthanc, tmp_path / "server.log", env=env) as trainer:
         response = requests.post(f"{trainer.url}/train/mais", params={"run_sync": "true"}, json=options, timeout=600)
         assert response.status_code == 200, response.text + trainer.log()[-3000:]

@@ -84,7 +84,10 @@ def test_held_out_synthetic_cases_are_evaluated_as_the_training_loop_saw_them(tm
     )  # fmt: skip
     curves = summary["models"]["mais_light"]["center"]["structures"]
     assert set(curves) == {"synthetic_000:object", "synthetic_001:object"}
-    assert all(0.0 <= dice <= 1.0 for curve in curves.values() for dice in curve)
+    # the second click, on the largest error, improves each mask (measured 0.08 -> 0.16 and 0.29 -> 0.47): the
+    # clicks and the Dice are computed on the same grid as the labels, or the curves would stay flat near 0
+    assert all(curve[1] > curve[0] for curve in curves.values()), curves
+    assert sum(curve[1] for curve in curves.values()) / len(curves) > 0.2, curves
 
 
 @pytest.mark.parametrize(("prompt_clicks", "points_per_step"), [("all", [1, 2, 3]), ("latest", [1, 1, 1])])
@@ -112,8 +115,12 @@ def test_unknown_click_rule_is_refused(tmp_path):
         evaluate.main(["--weights", str(WEIGHTS), "--studies", str(SAMPLE_DATA), "--rules", "psychic", "--out", "x"])
 
 
-def test_disagreement_is_a_reproducible_fraction():
+def test_disagreement_is_reproducible_and_zero_for_clicks_that_do_not_move():
     model = load_mais(WEIGHTS)
     image = ModelSpaceImage.from_file(str(SAMPLE_DATA / "breast1.nii.gz"))
     first, second = (image_disagreement(model, image, ProbeConfig(probes=2)) for _ in range(2))
-    assert 0.0 <= first <= 1.0 and first == second
+    assert first == second
+    # moving a click by 3 voxels changes the mask of breast1, held out of training (measured 0.076)
+    assert first > 0.02
+    # the same click repeated gives the same mask: 1 - Dice is exactly 0, so the score measures the move alone
+    assert image_disagreement(model, image, ProbeConfig(probes=2, offset_voxels=0)) == 0.0

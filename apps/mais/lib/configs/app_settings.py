@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lib.configs.labels import SAMPLE_LABELS
+from lib.devices import DeviceName
 from lib.model.config import MemoryMode
 
 APP_DIR = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ class AppSettings(BaseModel):
         "`weights` once it exists; delete it to go back)",
     )
     memory_mode: MemoryMode | None = Field(None, description="override the memory mode the weights were trained with")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is visible")
+    device: DeviceName = Field("auto", description="auto = cuda when a GPU is visible")
     labels: Path | None = Field(None, description="JSON file {label name: index}; default: the sample data's labels")
     session_ttl_s: float = Field(1800.0, gt=0, description="drop an interaction session idle this long (seconds)")
     max_sessions: int = Field(64, ge=1, description="most interaction sessions kept at once (oldest evicted)")

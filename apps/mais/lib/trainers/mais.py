@@ -2,7 +2,7 @@
 "Update Model", `POST /train/mais`).
 
 A thin MONAI Label adapter around `lib.training`:
-1. the request is validated (`TrainRequest`; a bad option is HTTP 422 naming it);
+1. the request is validated (`TrainRequest`; a bad or unknown option is HTTP 422 naming it);
 2. the datastore's final labels are split by image into training and validation, and every label of a
    multi-label map becomes its own binary target (`structure_crops`);
 3. `fit` (one process, or `fit_distributed` with DDP over the visible GPUs) starts from the served weights and
@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import psutil
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lib.atomic_file import atomic_write
 from lib.configs.app_settings import AppSettings, MemoryMode
+from lib.devices import DEVICE_NAMES, DeviceName
 from lib.model.config import MEMORY_MODES
 from lib.model_loader import ModelLoader
 from lib.training.config import FitConfig
@@ -50,33 +51,69 @@ logger = logging.getLogger(__name__)
 STATS_FILE = "train_stats.json"
 
 
+# MONAI Label's own keys in a train request, which are not options of this trainer: the endpoint adds `model`,
+# MONAILabelClient adds `client_id`, a bundle app gets `bundle_path`, the training subprocess `local_rank`.
+MONAI_LABEL_KEYS = frozenset({"model", "client_id", "bundle_path", "local_rank"})
+
+# Names earlier versions of this trainer used. A script written for them keeps working: it trained with these
+# names, and refusing them would break a working set-up for a rename only, while an unknown name is refused
+# because it was never honoured. The log says the new name; /info and the README show only the new ones.
+DEPRECATED_NAMES = {"epochs": "max_epochs", "batch_size": "train_batch_size"}
+
+
 class TrainRequest(BaseModel):
-    """Options of one training run. Slicer and OHIF send back the trainer's `/info` config with the user's edits;
-    MONAI Label adds keys of its own (model, device, ...), which are ignored."""
+    """Options of one training run, named as MONAI Label's BasicTrainTask names them where it has them.
 
-    model_config = ConfigDict(extra="ignore")
+    Slicer and OHIF send back the trainer's `/info` config with the user's edits; an option this trainer does not
+    know is refused (HTTP 422 naming it), MONAI Label's own keys (`MONAI_LABEL_KEYS`) pass."""
 
-    epochs: int = Field(10, ge=1, le=10_000, description="passes over the training crops")
+    model_config = ConfigDict(extra="forbid")
+
+    max_epochs: int = Field(10, ge=1, le=10_000, description="passes over the training crops")
     learning_rate: float = Field(1e-4, gt=0, le=1e-2)
     clicks: int = Field(10, ge=1, le=50, description="simulated clicks K per training sample")
     memory_mode: MemoryMode | None = Field(None, description="memory of the trained weights; default: the served")
     freeze_encoder: bool = Field(True, description="train prompt encoder, decoder and memory only (cached embeddings)")
     val_split: float = Field(0.2, ge=0, lt=1, description="share of labelled images held out for validation")
-    batch_size: int = Field(2, ge=1, le=64, description="samples per optimiser step (per GPU)")
+    train_batch_size: int = Field(2, ge=1, le=64, description="samples per optimiser step (per GPU)")
     crops_per_structure: int = Field(2, ge=1, le=64, description="128^3 crops drawn around each labelled structure")
-    max_minutes: float | None = Field(None, gt=0, description="stop (keeping the best weights so far) after this")
-    seed: int = 0
-    multi_gpu: bool = Field(True, description="DDP over every visible GPU (MONAI Label's gpus option picks them)")
+    # 0 rather than None as "no limit": Slicer shows an option as text and sends it back as typed
+    max_minutes: float | None = Field(0, ge=0, description="stop (keeping the best weights so far) after this; 0: none")
+    seed: int = Field(0, ge=0, description="the split, the crops and the training's random numbers")
+    multi_gpu: bool = Field(True, description="DDP over every visible GPU (or those `gpus` names)")
+    gpus: str = Field(
+        "all",
+        pattern=r"^(all|\d+(,\d+)*)?$",
+        description="GPUs to train on: all (or empty), or ids such as 0,1; MONAI Label sets CUDA_VISIBLE_DEVICES",
+    )
+    device: DeviceName | None = Field(None, description="default: the app's --conf device")
 
     @classmethod
     def from_request(cls, request: dict[str, Any]) -> TrainRequest:
-        """Parse MONAI Label's request; raises HTTPException(422) naming every bad option."""
+        """Parse MONAI Label's request; raises HTTPException(422) naming every bad or unknown option."""
+        # Slicer sends list-valued options as the chosen element, a REST client may send the list itself
+        options = {k: v[0] if isinstance(v, list) and v else v for k, v in request.items() if k not in MONAI_LABEL_KEYS}
+        for old, new in DEPRECATED_NAMES.items():
+            if old not in options:
+                continue
+            value = options.pop(old)
+            if new in options and options[new] != value:
+                raise HTTPException(
+                    status_code=422, detail=f"{old} is the old name of {new}: send {new} alone (got both)"
+                )
+            logger.warning("MAIS training: option %r is deprecated, use %r", old, new)
+            options[new] = value
         try:
-            # Slicer sends list-valued options as the chosen element, a REST client may send the list itself
-            return cls.model_validate({k: v[0] if isinstance(v, list) and v else v for k, v in request.items()})
+            return cls.model_validate(options)
         except ValidationError as error:
-            problems = [f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in error.errors()]
-            raise HTTPException(status_code=422, detail="; ".join(problems)) from None
+            raise HTTPException(status_code=422, detail="; ".join(map(_problem, error.errors()))) from None
+
+
+def _problem(error: dict[str, Any]) -> str:
+    name = ".".join(map(str, error["loc"]))
+    if error["type"] == "extra_forbidden":
+        return f"unknown option {name!r} (the options: {', '.join(TrainRequest.model_fields)})"
+    return f"{name}: {error['msg']} (got {error.get('input')!r})"
 
 
 class MaisTrainer(TrainTask):
@@ -91,16 +128,21 @@ class MaisTrainer(TrainTask):
         defaults = TrainRequest()
         served_mode = self.model_loader.get()[0].config.memory_mode
         modes = [served_mode, *(m for m in reversed(MEMORY_MODES) if m != served_mode)]
+        devices = [self.settings.device, *(d for d in DEVICE_NAMES if d != self.settings.device)]
         return {
-            "epochs": defaults.epochs,
+            "max_epochs": defaults.max_epochs,
             "learning_rate": defaults.learning_rate,
             "clicks": defaults.clicks,
             "memory_mode": modes,
             "freeze_encoder": defaults.freeze_encoder,
             "val_split": defaults.val_split,
-            "batch_size": defaults.batch_size,
+            "train_batch_size": defaults.train_batch_size,
             "crops_per_structure": defaults.crops_per_structure,
+            "max_minutes": defaults.max_minutes,
+            "seed": defaults.seed,
             "multi_gpu": defaults.multi_gpu,
+            "gpus": defaults.gpus,
+            "device": devices,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -116,6 +158,8 @@ class MaisTrainer(TrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         options = TrainRequest.from_request(request)
+        device = options.device or self.settings.device
+        world_size = _world_size(options, device)
         datalist = datastore.datalist()
         if not datalist:
             raise HTTPException(status_code=422, detail="no final labels in the datastore: save a label first")
@@ -133,8 +177,7 @@ class MaisTrainer(TrainTask):
         val_crops = self._crops(val_items, 1, rng, max_shift=0) or self._crops(train_items, 1, rng, max_shift=0)
 
         run_dir = self.settings.train_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
-        world_size = available_gpus() if options.multi_gpu and available_gpus() > 1 else 1
-        steps_per_epoch = math.ceil(len(crops) / (options.batch_size * world_size))
+        steps_per_epoch = math.ceil(len(crops) / (options.train_batch_size * world_size))
         init = self.model_loader.path
         served = self.model_loader.get()[0].config
         config = FitConfig(
@@ -143,8 +186,8 @@ class MaisTrainer(TrainTask):
             memory_mode=options.memory_mode or served.memory_mode,
             memory_size=served.memory_size,
             prompt_clicks=served.prompt_clicks,
-            steps=options.epochs * steps_per_epoch,
-            batch_size=options.batch_size,
+            steps=options.max_epochs * steps_per_epoch,
+            batch_size=options.train_batch_size,
             lr=options.learning_rate,
             warmup_steps=steps_per_epoch,
             clicks=options.clicks,
@@ -152,7 +195,7 @@ class MaisTrainer(TrainTask):
             synthetic_fraction=0.0,
             seed=options.seed,
             time_budget_s=options.max_minutes * 60 if options.max_minutes else None,
-            device="auto" if self.settings.device != "cpu" else "cpu",
+            device="cpu" if device == "cpu" else "auto",
             log_every=steps_per_epoch,
             checkpoint_every=steps_per_epoch,
             validate_every=steps_per_epoch,
@@ -170,7 +213,7 @@ class MaisTrainer(TrainTask):
                 "val_images": sorted(_image_id(item) for item in val_items),
                 "train_crops": len(crops),
                 "val_crops": len(val_crops),
-                "epochs": options.epochs,
+                "max_epochs": options.max_epochs,
                 "steps_per_epoch": steps_per_epoch,
                 "gpus": world_size,
                 "options": options.model_dump(),
@@ -186,7 +229,7 @@ class MaisTrainer(TrainTask):
             progress.stats["val_images"],
             len(crops),
             len(val_crops),
-            options.epochs,
+            options.max_epochs,
             steps_per_epoch,
             world_size,
         )
@@ -239,7 +282,7 @@ class TrainingProgress:
         logger.info(
             "epoch %d/%d: loss %.4f, training %s, %.2f samples/s",
             epoch,
-            self.stats["epochs"],
+            self.stats["max_epochs"],
             log.loss,
             train_dice,
             log.samples_per_s,
@@ -252,7 +295,7 @@ class TrainingProgress:
         logger.info(
             "epoch %d/%d: validation %s (score %.4f)",
             epoch,
-            self.stats["epochs"],
+            self.stats["max_epochs"],
             " ".join(f"{k} {v:.3f}" for k, v in dice.items()),
             result.score,
         )
@@ -287,6 +330,31 @@ class TrainingProgress:
             history.append({"epoch": epoch})
         history[-1].update(values)
         self.write()
+
+
+def _world_size(options: TrainRequest, device: str) -> int:
+    """Training processes: one per GPU that `multi_gpu` and `gpus` allow, one on the CPU.
+
+    A background run never sees a list in `gpus`: MONAI Label turns it into CUDA_VISIBLE_DEVICES for the training
+    process and sends "all". A list reaches the trainer only with run_sync, in the server's own process, where
+    process r trains on cuda:r: so the list must be the first GPUs, 0,1,...,n-1."""
+    visible = available_gpus()
+    if device == "cuda" and not visible:
+        raise HTTPException(status_code=422, detail="device: 'cuda' asked, but this server sees no GPU")
+    if device == "cpu" or not visible:
+        return 1
+    if options.gpus in ("all", ""):
+        wanted = visible
+    else:
+        ids = [int(i) for i in options.gpus.split(",")]
+        if ids != list(range(len(ids))) or len(ids) > visible:
+            raise HTTPException(
+                status_code=422,
+                detail=f"gpus: {options.gpus!r} with run_sync must be the first of the {visible} visible GPU(s) "
+                "(0,1,...); run in the background to pick others",
+            )
+        wanted = len(ids)
+    return wanted if options.multi_gpu else 1
 
 
 def _alive(pid: int) -> bool:

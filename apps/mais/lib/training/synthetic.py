@@ -1,8 +1,8 @@
 """Synthetic training volumes: a target object (blob, shell or tube) among distractors, with varied contrast,
 texture, partial-volume edges, noise and a bias field; normalised by the same function as real images.
 
-Why synthetic data: no labelled data set can be downloaded here (reference/data.md), and what an interactive
-model must learn first, where an object's boundary is given a click inside it, does not depend on anatomy.
+Why synthetic data: labelled data is scarce, and what an interactive model must learn first, where an object's
+boundary is given a click inside it, does not depend on anatomy.
 Distractors of random (sometimes equal) contrast make the target ambiguous without clicks, as in real images.
 
 Every shape is an implicit function f (negative inside, about a distance in voxels), evaluated on a grid
