@@ -5,9 +5,9 @@
 What goes in: every set whose licence allows shipping weights trained on it (Apache-2.0, MIT, CC-BY-SA-4.0 in
 the data's manifest.json); the `synthsr` label maps (licence unknown) only as validation entries. Each volume is
 resampled to 1.5 mm RAS (lib/imaging.py MODEL_SPACING_MM; nearest for labels, linear for images) through its
-real affine, cropped to its labelled bounding box plus a margin (a pair: to its image), its label values remapped to consecutive uint8
-(the original values are kept, so a class can be named) and its image, if any, scaled to uint8 between robust
-percentiles. Why uint8 at 1.5 mm: the file must travel with the repository to the GPU machine (64 MiB in all).
+real affine, cropped to its labelled bounding box plus a margin (a pair: to its image), its label values remapped
+to consecutive uint8 (the original values are kept, so a class can be named) and its image, if any, scaled to
+uint8 between robust percentiles. Why uint8 at 1.5 mm: the file must travel with the repository to the GPU machine (64 MiB in all).
 
 Held out for validation, recorded in the cache: whole subjects (HELD_OUT_FILES) and whole structure classes
 (HELD_OUT_CLASSES: amygdala and putamen in every labelling that has them); the synthesiser never draws a held-out

@@ -47,12 +47,14 @@ class StructureResult:
 
 
 def evaluate_structure(
-    model, image: ModelSpaceImage, truth: np.ndarray, structure: str, rule: str, clicks: int, seed: int = 0
+    model, image: ModelSpaceImage, truth: np.ndarray, structure: str, rule: str, clicks: int, seed: int = 0,
+    session=None,
 ) -> StructureResult:
-    """K clicks on one structure. truth: bool [I, J, K] on the image file's grid."""
+    """K clicks on one structure. truth: bool [I, J, K] on the image file's grid. session: a fresh object with
+    `add_click` and `mask` to drive instead of the model's InteractiveSession (the region-growing baseline)."""
     config = CLICK_RULES[rule]
     rng = np.random.default_rng(seed)
-    session = InteractiveSession(image, model)
+    session = session if session is not None else InteractiveSession(image, model)
     dice, seconds = [], []
     for k in range(clicks):
         click = _click(truth, session.mask if k else None, rng, config)

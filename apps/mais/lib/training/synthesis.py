@@ -224,7 +224,10 @@ class Synthesiser:
     """Draws batches of training crops from a TrainingCache; every random number from `generator`."""
 
     def __init__(
-        self, cache: TrainingCache, config: SynthesisConfig = SynthesisConfig(), generator: torch.Generator | None = None
+        self,
+        cache: TrainingCache,
+        config: SynthesisConfig = SynthesisConfig(),
+        generator: torch.Generator | None = None,
     ) -> None:
         self.cache, self.config = cache, config
         self.device = cache.device
@@ -313,7 +316,8 @@ class Synthesiser:
             images[is_real] = real[is_real]
         pseudo = [b for b, p in enumerate(plans) if p.mode == "pseudo_object"]
         if pseudo:
-            targets[pseudo] = pseudo_object(real[pseudo], inside_image[pseudo], self.config, self.generator, self.host)[:, 0]
+            regions = pseudo_object(real[pseudo], inside_image[pseudo], self.config, self.generator, self.host)
+            targets[pseudo] = regions[:, 0]
             labels[pseudo] = 0
         images = self._acquisition(images, ct=[p.ct for p in plans])
         return images, targets[:, None], labels.to(torch.uint8)[:, None], inside_image, [p.name for p in plans]
@@ -334,12 +338,15 @@ class Synthesiser:
             first = component or _random_component(volume, target_labels[0], host)
             members = volume.components_info[first].members
             centre = members[int(torch.randint(len(members), (), generator=host))].astype(np.float64)
-            values = volume.info.get("values")
-            shown = [str(values[i - 1]) if values else str(i) for i in target_labels]
-            label_text = "+".join(shown) if target_labels else (
-                f"{values[volume.components_info[component].label - 1] if values else volume.components_info[component].label}"
-                f" part {component}"
-            )
+            values = volume.info.get("values")  # the original label values, where the cache has them
+
+            def shown(index: int) -> str:
+                return str(values[index - 1]) if values else str(index)
+
+            if target_labels:
+                label_text = "+".join(shown(i) for i in target_labels)
+            else:
+                label_text = f"{shown(volume.components_info[component].label)} part {component}"
             name = f"{volume.name}:{kind} {label_text}"
         jitter = config.centre_jitter * config.size if mode != "pseudo_object" else 0.0  # its seed is central
         offset = np.array([_uniform(host, -jitter, jitter) for _ in range(3)])
@@ -401,7 +408,8 @@ class Synthesiser:
         for b, plan in enumerate(plans):
             means[b], stds[b] = (ct_profile if plan.ct else mr_profile)(host, config)
             if float(torch.rand((), generator=host)) < config.share_probability:
-                classes[b] = generation_classes(plan.volume.neighbours, plan.volume.max_label, config.share_fraction, host)
+                volume = plan.volume
+                classes[b] = generation_classes(volume.neighbours, volume.max_label, config.share_fraction, host)
         means = means.gather(1, classes).to(self.device)
         stds = stds.gather(1, classes).to(self.device)
         flat = labels.flatten(1)
@@ -476,7 +484,7 @@ def random_affine(host: torch.Generator, config: SynthesisConfig) -> np.ndarray:
         step = np.eye(3)
         step[i, i], step[i, j], step[j, i], step[j, j] = c, -s, s, c
         rotation = rotation @ step
-    shear = np.eye(3) + np.triu(uniform(config.shear_range, (3, 3)), 1) + np.tril(uniform(config.shear_range, (3, 3)), -1)
+    shear = np.eye(3) + uniform(config.shear_range, (3, 3)) * (1 - np.eye(3))  # off-diagonal terms only
     scale = np.diag(1.0 + uniform(config.scale_range, (3,)))
     flips = np.diag(np.where(torch.rand(3, generator=host).numpy() < config.flip_probability, -1.0, 1.0))
     return rotation @ shear @ scale @ flips
