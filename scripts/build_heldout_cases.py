@@ -25,7 +25,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from build_sample_data import (
     MRICRON_TEMPLATES,
     REPO_ROOT,

@@ -66,7 +66,9 @@ def test_the_graph_sees_imports_of_every_kind(tmp_path):
     (package / "sub" / "__init__.py").write_text("")
     (package / "sub" / "a.py").write_text("from .b import x\n")
     (package / "sub" / "b.py").write_text("def f():\n    from lib.sub import c\n")
-    (package / "sub" / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..sub import a\n")
+    (package / "sub" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..sub import a\n"
+    )
     graph = import_graph(package)
     assert graph["lib.sub.a"] == {"lib.sub.b"}
     assert graph["lib.sub.b"] == {"lib.sub", "lib.sub.c"}

@@ -19,6 +19,7 @@ from lib.training.real_data import StructureCrop
 from lib.training.validation import validate
 from tiny import IMAGE_SHAPE, INSIDE, box_truth, tiny_model, write_box_image
 
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_model()

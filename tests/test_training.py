@@ -18,9 +18,9 @@ from lib.training.data_sources import load_training_pairs, save_training_pair
 from lib.training.distributed import fit_distributed
 from lib.training.fit import build_parser, parse_args
 from lib.training.initial_model import set_encoder_frozen
+from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.loop import fit
 from lib.training.optimisation import make_optimiser
-from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
 from lib.training.synthetic import SyntheticConfig, synthetic_sample, synthetic_stream
 from lib.training.validation import validate

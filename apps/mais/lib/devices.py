@@ -13,7 +13,7 @@ DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto": the GPU when one is visible, else the CPU; any other name as torch reads it ("cpu", "cuda:1")."""
+    """ "auto": the GPU when one is visible, else the CPU; any other name as torch reads it ("cpu", "cuda:1")."""
     import torch
 
     if name == "auto":

@@ -19,8 +19,8 @@ import torch
 
 from lib.configs.app_settings import AppSettings
 from lib.devices import resolve_device
-from lib.model.weights import WeightsError, load_mais
 from lib.model.mais import Mais
+from lib.model.weights import WeightsError, load_mais
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from lib.imaging import CROP_SIZE, CropWindow, ModelSpaceImage
-from lib.model.mais import Mais
 from lib.metrics import batch_dice
+from lib.model.mais import Mais
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -21,6 +20,7 @@ APP_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_WEIGHTS = APP_DIR / "model" / "mais_light.pt"
 DEFAULT_TRAIN_DIR = APP_DIR / "model" / "trained"
 TRAINED_WEIGHTS_NAME = "mais_trained.pt"
+
 
 class AppConfigError(ValueError):
     """A start-up option or file the app cannot run with; the message says which and why."""

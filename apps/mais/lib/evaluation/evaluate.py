@@ -7,7 +7,8 @@
 Writes to --out: `dice_per_click.csv` (one row per model, rule, structure and click), `summary.json` (per model
 and rule: mean Dice per click, NoC@80/85/90, mean seconds per click, per-structure curves) and `summary.md`
 (the table the README shows). `python -m lib.evaluation.plot` draws the Dice-vs-clicks PNG from summary.json.
-A weights argument may carry a memory-mode override and a name: `path[@mode][=name]`.
+A weights argument may carry a memory-mode override and a name: `path[@mode][=name]`; the pseudo-weights
+`region_growing` is the classical baseline (lib.evaluation.region_growing) on the same clicks.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lib.configs.labels import SAMPLE_LABELS
 from lib.clicks.simulator import CLICK_PRESETS
+from lib.configs.labels import SAMPLE_LABELS
 from lib.evaluation.interactive import NOC_THRESHOLDS, StructureResult, evaluate_structure
+from lib.evaluation.region_growing import BASELINE_NAME, RegionGrowingSession
 from lib.imaging import ModelSpaceImage, load_volume
 from lib.model.weights import load_mais
 from lib.training.real_data import image_id, labelled_images
@@ -40,8 +42,8 @@ def parse_weights(argument: str) -> tuple[Path, str | None, str]:
     return Path(path), mode or None, name or (Path(path).stem + (f"@{mode}" if mode else ""))
 
 
-def cases(args) -> list[tuple[str, ModelSpaceImage, dict[str, np.ndarray]]]:
-    """(image name, image in model space, {structure: truth bool on the file's grid}) of every case."""
+def cases(args) -> list[tuple[str, ModelSpaceImage, dict[str, np.ndarray], Path]]:
+    """(image name, image in model space, {structure: truth bool on the file's grid}, image file) of every case."""
     pairs = labelled_images(args.studies) if args.studies else []
     pairs += [tuple(Path(p) for p in extra.split("=", 1)) for extra in args.extra]
     wanted_images = set(filter(None, args.images.split(",")))
@@ -59,7 +61,7 @@ def cases(args) -> list[tuple[str, ModelSpaceImage, dict[str, np.ndarray]]]:
             if index and (not wanted or structure in wanted) and (labels == index).sum() >= MIN_VOXELS
         }
         if truths:
-            result.append((name, ModelSpaceImage.from_file(str(image_path)), truths))
+            result.append((name, ModelSpaceImage.from_file(str(image_path)), truths, Path(image_path)))
     return result
 
 
@@ -101,7 +103,12 @@ def markdown_table(summary: dict) -> str:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", nargs="+", required=True, help="weights files: path[@memory_mode][=name]")
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        required=True,
+        help=f"weights files: path[@memory_mode][=name]; {BASELINE_NAME} for the region-growing baseline",
+    )
     parser.add_argument("--studies", type=Path, help="a MONAI Label local datastore: images with labels/final")
     parser.add_argument("--extra", action="append", default=[], help="another case: image_path=label_path")
     parser.add_argument("--images", default="", help="comma-separated image names to keep (default: all)")
@@ -123,20 +130,23 @@ def main(argv=None) -> dict:
     if not data:
         parser.error("no labelled structure matches --studies/--extra/--images/--structures")
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"clicks": args.clicks, "cases": {name: sorted(truths) for name, _, truths in data}, "models": {}}
+    summary = {"clicks": args.clicks, "cases": {name: sorted(truths) for name, _, truths, _ in data}, "models": {}}
     rows = []
-    total = len(args.weights) * len(rules) * sum(len(truths) for _, _, truths in data)
+    total = len(args.weights) * len(rules) * sum(len(truths) for _, _, truths, _ in data)
     with tqdm(total=total, desc="structures", unit="structure") as progress:
         for argument in args.weights:
             path, mode, name = parse_weights(argument)
-            model = load_mais(path, device=torch.device(args.device), memory_mode=mode)
+            baseline = str(path) == BASELINE_NAME
+            model = None if baseline else load_mais(path, device=torch.device(args.device), memory_mode=mode)
             summary["models"][name] = {}
             for rule in rules:
                 results = []
-                for image_name, image, truths in data:
+                for image_name, image, truths, image_path in data:
+                    original = load_volume(str(image_path)) if baseline else None
                     for structure, truth in truths.items():
+                        session = RegionGrowingSession.of(original) if baseline else None
                         result = evaluate_structure(
-                            model, image, truth, f"{image_name}:{structure}", rule, args.clicks, args.seed
+                            model, image, truth, f"{image_name}:{structure}", rule, args.clicks, args.seed, session
                         )
                         results.append(result)
                         rows += [

@@ -42,15 +42,23 @@ class StructureResult:
 
 
 def evaluate_structure(
-    model, image: ModelSpaceImage, truth: np.ndarray, structure: str, rule: str, clicks: int, seed: int = 0
+    model,
+    image: ModelSpaceImage,
+    truth: np.ndarray,
+    structure: str,
+    rule: str,
+    clicks: int,
+    seed: int = 0,
+    session=None,
 ) -> StructureResult:
     """K clicks on one structure. truth: bool [I, J, K] on the image file's grid, not empty. rule: a name of
-    CLICK_PRESETS."""
+    CLICK_PRESETS. session: a fresh object with `add_click` and `mask` to drive instead of the model's
+    InteractiveSession (the region-growing baseline)."""
     config = click_preset(rule)
     if not truth.any():
         raise ValueError(f"{structure}: the structure is empty (no voxel of the truth is set)")
     rng = np.random.default_rng(seed)
-    session = InteractiveSession(image, model)
+    session = session if session is not None else InteractiveSession(image, model)
     scores, seconds = [], []
     for k in range(clicks):
         click = _click(truth, session.mask if k else None, rng, config)

@@ -162,8 +162,6 @@ class MaisInfer(InferTask):
         return ModelSpaceImage.from_file(image_path)
 
 
-
-
 def _check_inside(clicks: ClickRequest, shape: tuple[int, int, int]) -> None:
     for name, points in ((clicks.label, clicks.positives), ("background", clicks.negatives)):
         for point in points:

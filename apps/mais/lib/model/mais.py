@@ -22,6 +22,7 @@ to the image embedding before the mask decoder (see memory_attention.py). All mo
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from medim.models.sam_med3d import MaskDecoder3D, PromptEncoder3D

@@ -126,8 +126,9 @@ class _MultiHeadAttention(nn.Module):
 class MemoryAttention(nn.Module):
     """See the module docstring. embed_dim: E (384); memory_size: N, the largest age the age embeddings cover."""
 
-    def __init__(self, embed_dim: int, memory_size: int, config: MemoryAttentionConfig = MemoryAttentionConfig()):
+    def __init__(self, embed_dim: int, memory_size: int, config: MemoryAttentionConfig | None = None):
         super().__init__()
+        config = config or MemoryAttentionConfig()
         C = config.dim
         self.num_heads = config.num_heads
         self.memory_size = memory_size

@@ -88,9 +88,7 @@ class InteractiveSession:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def apply(
-        self, positives: Sequence[Voxel], negatives: Sequence[Voxel], reset: bool = False
-    ) -> SessionUpdate:
+    def apply(self, positives: Sequence[Voxel], negatives: Sequence[Voxel], reset: bool = False) -> SessionUpdate:
         """Bring the session up to a request's full click history (original voxels [i, j, k], each list in
         arrival order): only clicks not yet applied run, unless a click was removed (then the rest is replayed).
         reset, or an empty history, starts afresh first."""

@@ -43,9 +43,7 @@ class SessionEntry:
 class SessionStore:
     """clock: seconds of a monotonic clock (injectable so that expiry is testable without waiting)."""
 
-    def __init__(
-        self, ttl_s: float, max_sessions: int, max_bytes: int, clock: Callable[[], float] = time.monotonic
-    ):
+    def __init__(self, ttl_s: float, max_sessions: int, max_bytes: int, clock: Callable[[], float] = time.monotonic):
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
         self.max_bytes = max_bytes

@@ -42,7 +42,8 @@ def fit_distributed(
     """Run `fit` in `world_size` processes under DDP and return rank 0's FitResult.
 
     When config.device resolves to CUDA ("auto" with a GPU visible, "cuda") process r trains on cuda:r over NCCL;
-    otherwise every process trains on the CPU over gloo. `config.batch_size` is per process: the effective batch is world_size times larger.
+    otherwise every process trains on the CPU over gloo. `config.batch_size` is per process: the effective batch
+    is world_size times larger.
     """
     if world_size < 2:
         raise ValueError(f"fit_distributed needs world_size >= 2, got {world_size}; call fit for one process")

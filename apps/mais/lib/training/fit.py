@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
             pair = parser.add_mutually_exclusive_group()
             pair.add_argument(_flag(name), dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             pair.add_argument(
-                negative, dest=name, action="store_false", default=argparse.SUPPRESS, help=f"the opposite of {_flag(name)}"
+                negative,
+                dest=name,
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help=f"the opposite of {_flag(name)}",
             )
         elif get_origin(kind) is Literal:
             choices = get_args(kind)
@@ -56,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _flag(name), type=type(choices[0]), choices=choices, default=argparse.SUPPRESS, help=help_text
             )
         else:
-            parser.add_argument(
-                _flag(name), type=kind, metavar=name.upper(), default=argparse.SUPPRESS, help=help_text
-            )
+            parser.add_argument(_flag(name), type=kind, metavar=name.upper(), default=argparse.SUPPRESS, help=help_text)
     parser.add_argument(
         "--gpus", type=int, default=1, help="train on this many GPUs with DDP (--batch-size is per GPU) (default: 1)"
     )
