@@ -27,13 +27,12 @@ import json
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "apps" / "mais"))
-from lib.imaging import MODEL_SPACING_MM  # noqa: E402
+from lib.imaging import MODEL_SPACING_MM, load_volume  # noqa: E402
 
 SHIPPABLE_LICENCES = ("Apache-2.0", "MIT", "CC-BY-SA-4.0")
 VALIDATION_ONLY_SETS = ("synthsr",)  # licence unknown: validation only (the data README)
@@ -45,7 +44,15 @@ CITATIONS = {
     "msd_prostate": "Antonelli et al., The Medical Segmentation Decathlon, Nature Communications 2022",
     "verse": "Sekuboyina et al., VerSe, Medical Image Analysis 2021",
     "spinal_cord": "De Leener et al., SCT: Spinal Cord Toolbox, NeuroImage 2017",
+    "sample_data": "sample-data/NOTICE (ICBM 2009a: Fonov et al., NeuroImage 2009; brain1: pyradiomics, "
+    "van Griethuysen et al., Cancer Research 2017)",
 }
+# Real MR pairs of the repository's own sample data (licences in sample-data/NOTICE): real texture and real
+# boundaries. Colin27 and breast1 stay out: they are held-out evaluation cases (scripts/build_heldout_cases.py).
+SAMPLE_DATA_PAIRS = (
+    ("icbm2009a_t1.nii.gz", "MNI/McGill permissive notice"),
+    ("brain1.nrrd", "BSD-3-Clause"),
+)
 # Structure classes never trained on, by labelling. FreeSurfer: putamen 12/51, amygdala 18/54 (the merged-side
 # maps use the left numbers). GIF v3 (Neuromorphometrics numbering + 1): amygdala 32/33, putamen 58/59, checked
 # on the file: 2.0 ml each, inferior and anterior to the hippocampi (48/49); 5.9 ml each, lateral at z ~ +3 mm.
@@ -56,8 +63,8 @@ HELD_OUT_CLASSES = {
     "synthsr": FREESURFER_HELD_OUT,
     "gif_parcellation": (32, 33, 58, 59),
 }
-# Whole subjects kept for validation: two of each synthseg kind, one older-set subject, four prostates and one
-# spinal-cord contrast (the pairs are one subject: that one is only another contrast and resolution).
+# Whole subjects kept for validation: two of each synthseg kind, one older-set subject, four prostates and the
+# spinal-cord subject (every contrast: it is one of the held-out evaluation cases).
 HELD_OUT_FILES = (
     "label_maps/synthseg/training_seg_19.nii.gz",
     "label_maps/synthseg/training_seg_20.nii.gz",
@@ -68,7 +75,10 @@ HELD_OUT_FILES = (
     "label_maps/msd_prostate/prostate_44.nii.gz",
     "label_maps/msd_prostate/prostate_46.nii.gz",
     "label_maps/msd_prostate/prostate_47.nii.gz",
+    "pairs/spinal_cord/t1_image.nii.gz",
+    "pairs/spinal_cord/t2_image.nii.gz",
     "pairs/spinal_cord/t2s_image.nii.gz",
+    "pairs/spinal_cord/mt1_image.nii.gz",
 )
 MARGIN_MM = 9.0  # context kept around the labelled box
 IMAGE_PERCENTILES = (0.5, 99.5)
@@ -135,15 +145,38 @@ def entries(data: Path) -> list[dict]:
     return chosen
 
 
-def build(data: Path, out: Path) -> dict:
+def sample_data_entries(sample_data: Path) -> list[dict]:
+    """The SAMPLE_DATA_PAIRS as entries of `entries`' form (paths relative to `sample_data`)."""
+    return [
+        {
+            "set": "sample_data",
+            "kind": "pair",
+            "licence": licence,
+            "shippable": True,
+            "label_file": f"labels/final/{name}",
+            "image_file": name,
+            "source": "sample-data/NOTICE",
+        }
+        for name, licence in SAMPLE_DATA_PAIRS
+    ]
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(voxels float32 [I, J, K], voxel -> RAS affine [4, 4]) of a NIfTI or NRRD file."""
+    volume = load_volume(str(path))
+    return np.asarray(volume[0]), np.asarray(volume.affine, dtype=np.float64)
+
+
+def build(data: Path, out: Path, sample_data: Path) -> dict:
     arrays, volumes = {}, []
-    for index, entry in enumerate(entries(data)):
-        label_nii = nib.load(data / entry["label_file"])
-        labels = np.asarray(label_nii.dataobj).astype(np.int32)
+    chosen = [(data, entry) for entry in entries(data)] + [(sample_data, e) for e in sample_data_entries(sample_data)]
+    for index, (root, entry) in enumerate(chosen):
+        labels, label_affine = read_volume(root / entry["label_file"])
+        labels = np.round(labels).astype(np.int32)
         # a pair keeps its image's whole field of view: the real texture around the label is what it is for
         extent = labels > 0 if "image_file" not in entry else np.ones(labels.shape, dtype=bool)
-        grid, shape = model_space_grid(label_nii.affine, extent)
-        resampled, values = consecutive(resample(labels, label_nii.affine, grid, shape, order=0))
+        grid, shape = model_space_grid(label_affine, extent)
+        resampled, values = consecutive(resample(labels, label_affine, grid, shape, order=0))
         held_out_values = HELD_OUT_CLASSES.get(entry["set"], ())
         record = {
             "set": entry["set"],
@@ -162,12 +195,11 @@ def build(data: Path, out: Path) -> dict:
         }
         arrays[f"labels_{index:03d}"] = resampled
         if "image_file" in entry:
-            image_nii = nib.load(data / entry["image_file"])
-            if not np.allclose(image_nii.affine, label_nii.affine, atol=1e-3):
+            image, image_affine = read_volume(root / entry["image_file"])
+            if not np.allclose(image_affine, label_affine, atol=1e-3):
                 raise ValueError(f"{entry['image_file']}: its label has another grid")
-            image = np.asarray(image_nii.dataobj, dtype=np.float32)
-            inside = resample(np.ones_like(image), image_nii.affine, grid, shape, order=0) > 0
-            scaled, record["image_percentiles"] = to_uint8(resample(image, image_nii.affine, grid, shape, 1), inside)
+            inside = resample(np.ones_like(image), image_affine, grid, shape, order=0) > 0
+            scaled, record["image_percentiles"] = to_uint8(resample(image, image_affine, grid, shape, 1), inside)
             arrays[f"image_{index:03d}"] = scaled
         volumes.append(record)
         print(f"{record['source_file']}: {shape}, {len(values)} labels{' (held out)' if record['held_out'] else ''}")
@@ -187,11 +219,12 @@ def build(data: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--sample-data", type=Path, default=REPO / "sample-data")
     parser.add_argument("--out", type=Path, default=REPO / "data-cache" / "training_cache.npz")
     args = parser.parse_args(argv)
     if not (args.data / "manifest.json").is_file():
         parser.error(f"{args.data} has no manifest.json")
-    metadata = build(args.data, args.out)
+    metadata = build(args.data, args.out, args.sample_data)
     volumes = metadata["volumes"]
     held = sum(v["held_out"] for v in volumes)
     print(

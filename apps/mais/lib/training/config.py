@@ -46,6 +46,11 @@ class FitConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="clip gradients to this norm (ten summed losses can spike)")
     clicks: int = Field(10, ge=1, description="interaction steps K per sample")
     ce_weight: float = Field(0.0, ge=0, description="add BCE with this weight to the Dice loss")
+    click_mix: Literal["random", "mixed"] = Field(
+        "random",
+        description="training clicks: uniform error voxels (SAM-Med3D's), or per step one of those, the deepest "
+        "error voxel and a noisy deepest click (lib.training.interaction_loop.MIXED_TRAINING_CLICKS)",
+    )
     freeze_encoder: bool = Field(
         True,
         description="train prompt encoder, decoder and memory attention, the encoder frozen; --train-encoder trains "
@@ -65,6 +70,14 @@ class FitConfig(BaseModel):
         0, ge=0, description="host processes making synthetic volumes (0: made on the training device; a GPU wants ~8)"
     )
     data_dir: Path | None = Field(None, description="folder of *.pt {image, label} 128^3 training pairs")
+    training_cache: Path | None = Field(
+        None,
+        description="label maps and real pairs (scripts/build_training_cache.py) to synthesise samples from on the "
+        "training device (lib.training.synthesis)",
+    )
+    cache_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of samples synthesised from --training-cache; the rest as before"
+    )
     seed: int = Field(0, description="seed of every random stream of the run")
     deterministic: bool = Field(
         True,

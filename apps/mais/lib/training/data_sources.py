@@ -4,7 +4,9 @@ synthetic volumes, drawn into batches; and the cache of image embeddings a froze
 Each sample is a crop and one binary target. A `--data-dir` holds `*.pt` files written by `save_training_pair`
 ({"image": float [1, S, S, S] normalised, "label": int or bool [1, S, S, S]}; each non-zero label value is its own
 target). Synthetic volumes (lib.training.synthetic) are fresh every step, or a fixed pool of `synthetic_pool`;
-made on the training device, or by `synthetic_workers` host processes (what keeps a GPU busy).
+made on the training device, or by `synthetic_workers` host processes. A `cache_fraction` of the samples is
+synthesised on the training device from the label maps and real pairs of a `training_cache`
+(lib.training.synthesis): with a GPU, nothing of a batch is made on the host.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 
 from lib.model.mais import Mais
 from lib.training.config import FitConfig
+from lib.training.synthesis import Synthesiser, TrainingCache
 from lib.training.synthetic import SyntheticConfig, synthetic_sample, synthetic_stream
 
 logger = logging.getLogger(__name__)
@@ -75,15 +78,38 @@ class BatchSource:
             self.stream = synthetic_stream(config.seed + 1, config.synthetic_workers, self.synthetic_config)
         self.pool = [self._synthetic() for _ in range(config.synthetic_pool)]
         self.synthetic_fraction = config.synthetic_fraction if self.targets else 1.0
+        self.training_cache = None
+        if config.training_cache is not None and config.cache_fraction > 0:
+            self.training_cache = TrainingCache.load(config.training_cache, device)
+        self._synthesiser: Synthesiser | None = None
 
     def next_batch(self, rng: np.random.Generator) -> tuple[list[str | None], Tensor, Tensor]:
+        batch_size = self.config.batch_size
+        from_cache = 0
+        if self.training_cache is not None:
+            from_cache = int((rng.random(batch_size) < self.config.cache_fraction).sum())
         keys, images, masks = [], [], []
-        for _ in range(self.config.batch_size):
+        for _ in range(batch_size - from_cache):
             key, image, mask = self._sample(rng)
             keys.append(key)
             images.append(image.to(self.device, non_blocking=True))
             masks.append(mask.to(self.device, non_blocking=True))
+        if from_cache:
+            cache_images, cache_masks, _ = self.synthesiser.next_batch(from_cache)
+            keys += [None] * from_cache  # fresh every step: nothing to cache
+            images += list(cache_images)
+            masks += list(cache_masks)
         return keys, torch.stack(images), torch.stack(masks)
+
+    @property
+    def synthesiser(self) -> Synthesiser:
+        """Made at the first batch and seeded from `generator`, which a resumed run restores: a resumed run draws
+        new samples instead of those its first part drew."""
+        if self._synthesiser is None:
+            seed = int(torch.randint(2**62, (), generator=self.generator, device=self.device))
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            self._synthesiser = Synthesiser(self.training_cache, generator=generator)
+        return self._synthesiser
 
     def _sample(self, rng: np.random.Generator) -> tuple[str | None, Tensor, Tensor]:
         if rng.random() < self.synthetic_fraction:

@@ -25,12 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lib.clicks.simulator import CLICK_PRESETS, ClickConfig, sample_clicks
+from lib.clicks.simulator import CLICK_PRESETS, ClickConfig, ClickNoise, sample_clicks
 from lib.metrics import batch_dice
 from lib.model.interaction import InteractionState, concat_points
 
 # SAM-Med3D trains with uniformly drawn error voxels; the distance-transform rule is the evaluation's.
 TRAINING_CLICKS = CLICK_PRESETS["random"]
+# The "mixed" training clicks, one drawn per step: SAM-Med3D's uniform error voxels, the deepest error voxel
+# (where an annotator fixes the worst mistake: what makes the model obey a correction) and that click placed
+# imprecisely, near or just across the error's boundary, as a hurried annotator does.
+MIXED_TRAINING_CLICKS = (
+    TRAINING_CLICKS,
+    ClickConfig(first_click="deepest", next_click="deepest"),
+    ClickConfig(
+        first_click="deepest", next_click="deepest", noise=ClickNoise(jitter_voxels=2.0, wrong_side_probability=0.15)
+    ),
+)
+TRAINING_CLICK_MIXES = {"random": (TRAINING_CLICKS,), "mixed": MIXED_TRAINING_CLICKS}
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,18 @@ class InteractionConfig:
     """How one training sample is interacted with."""
 
     num_clicks: int = 10  # K
-    clicks: ClickConfig = TRAINING_CLICKS
+    clicks: ClickConfig | tuple[ClickConfig, ...] = TRAINING_CLICKS  # several: one drawn (uniformly) per step
     ce_weight: float = 0.0  # MAIS trains with Dice only; SAM-Med3D adds cross-entropy with weight 1
 
     def __post_init__(self) -> None:
-        if self.num_clicks < 1 or self.ce_weight < 0:
+        if self.num_clicks < 1 or self.ce_weight < 0 or self.clicks == ():
             raise ValueError(f"invalid interaction config {self}")
+
+    def click_rule(self, rng: np.random.Generator) -> ClickConfig:
+        """The click settings of the next step."""
+        if isinstance(self.clicks, ClickConfig):
+            return self.clicks
+        return self.clicks[int(rng.integers(len(self.clicks)))] if len(self.clicks) > 1 else self.clicks[0]
 
 
 @dataclass
@@ -78,7 +95,7 @@ def run_interaction(
     click_coords = click_labels = masks = None
     step_losses, step_dice = [], []
     for _ in range(config.num_clicks):
-        new_coords, new_labels = sample_clicks(gt_masks, masks, rng, config.clicks)
+        new_coords, new_labels = sample_clicks(gt_masks, masks, rng, config.click_rule(rng))
         click_coords, click_labels = concat_points(click_coords, click_labels, new_coords, new_labels)
         out = state.step(model, image_embeddings, click_coords, click_labels)
         logits = model.upsample_logits(out.low_res_logits).float()

@@ -37,7 +37,7 @@ from lib.training.checkpoint import load_checkpoint, save_checkpoint
 from lib.training.config import FitConfig
 from lib.training.data_sources import BatchSource, EmbeddingCache, Target, load_training_pairs
 from lib.training.initial_model import build_model
-from lib.training.interaction_loop import InteractionConfig, run_interaction
+from lib.training.interaction_loop import TRAINING_CLICK_MIXES, InteractionConfig, run_interaction
 from lib.training.optimisation import make_optimiser, optimise
 from lib.training.progress import TrainingLog, ValidationTracker, format_log, training_log
 from lib.training.real_data import StructureCrop
@@ -123,7 +123,11 @@ def fit(
             source.generator.manual_seed(hash((config.seed, rank, step)) % 2**63)
     cache = EmbeddingCache() if config.freeze_encoder and config.cache_embeddings else None
     interaction_step = InteractionStep(
-        model, cache, InteractionConfig(num_clicks=config.clicks, ce_weight=config.ce_weight)
+        model,
+        cache,
+        InteractionConfig(
+            num_clicks=config.clicks, clicks=TRAINING_CLICK_MIXES[config.click_mix], ce_weight=config.ce_weight
+        ),
     )
     if world_size > 1:
         interaction_step = nn.parallel.DistributedDataParallel(
