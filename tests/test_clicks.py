@@ -132,7 +132,7 @@ def batch(*volumes: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack(volumes))[:, None]
 
 
-@pytest.mark.parametrize("rule", ["center", "random"])
+@pytest.mark.parametrize("rule", ["center", "random", "deepest"])
 def test_batched_clicks_follow_the_rules(gt, rng, rule):
     config = ClickConfig(first_click=rule, next_click=rule)
     gt_masks = batch(gt, gt, gt)
@@ -159,3 +159,21 @@ def test_batched_random_clicks_are_deterministic_and_noisy_clicks_stay_inside(gt
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
     coords = draws[0][0]
     assert (coords >= 0).all() and (coords <= 31).all()
+
+
+def test_batched_deepest_click_is_deep_inside_the_object_and_its_errors(gt, rng):
+    """The device rule approximates "center": its click is at least as deep as the cell-rounded maximum."""
+    config = ClickConfig("deepest", "deepest")
+    coords, _ = sample_clicks(batch(gt), None, rng, config)
+    depth = distance_to_boundary(gt)
+    assert depth[tuple(int(c) for c in coords[0, 0])] >= depth.max() - 2
+    thick_miss = box((4, 4, 4), (20, 12, 12))  # the L's long arm is missed; its short arm is found
+    coords, labels = sample_clicks(batch(gt), batch(gt & ~thick_miss), rng, config)
+    assert labels[0, 0] == POSITIVE
+    miss_depth = distance_to_boundary(thick_miss)
+    assert miss_depth[tuple(int(c) for c in coords[0, 0])] >= miss_depth.max() - 2
+
+
+def test_the_deepest_rule_is_refused_where_clicks_are_placed_one_volume_at_a_time(gt, rng):
+    with pytest.raises(ValueError, match="batches only"):
+        first_click(gt, rng, "deepest")

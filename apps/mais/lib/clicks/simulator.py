@@ -314,15 +314,22 @@ def _random_voxels(regions: Tensor, generator: torch.Generator) -> tuple[Tensor,
 
 
 def _deepest_voxels(regions: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The voxel of each region farthest from its outside (and from the volume's border, as `interior_point`
-    counts it), by chessboard distance up to MAX_DEPTH_VOXELS; ties drawn uniformly. regions: bool
-    [B, D0, D1, D2]. Returns as `_random_voxels`."""
-    outside = 1.0 - regions[:, None].float()  # [B, 1, D0, D1, D2]
-    depth = regions.float()
-    for _ in range(MAX_DEPTH_VOXELS - 1):
-        # a voxel survives an erosion while no voxel of its 3^3 neighbourhood is outside (the border is outside)
+    """A voxel of each region among those farthest from its outside (and from the volume's border, as
+    `interior_point` counts it), by chessboard distance up to MAX_DEPTH_VOXELS; ties drawn uniformly. regions:
+    bool [B, D0, D1, D2]. Returns as `_random_voxels`.
+
+    The depth is measured on 2^3 cells (a cell is inside when all its voxels are), which makes the repeated
+    erosion 16 times cheaper (a GPU training step clicks 10 times); a region thinner than a cell has depth 0
+    everywhere, so its click is a uniformly drawn voxel of it."""
+    shape = regions.shape[1:]
+    inside = F.pad(regions[:, None].float(), [p for size in reversed(shape) for p in (0, size % 2)])
+    outside = 1.0 - (-F.max_pool3d(-inside, 2))  # [B, 1, D0 / 2, D1 / 2, D2 / 2]
+    depth = 1.0 - outside[:, 0]
+    for _ in range(MAX_DEPTH_VOXELS // 2 - 1):
+        # a cell survives an erosion while no cell of its 3^3 neighbourhood is outside (the border is outside)
         outside = F.max_pool3d(F.pad(outside, (1,) * 6, value=1.0), 3, stride=1)
         depth += 1.0 - outside[:, 0]
+    depth = F.interpolate(depth[:, None], scale_factor=2, mode="nearest")[:, 0, : shape[0], : shape[1], : shape[2]]
     keys = depth + 0.5 * torch.rand(regions.shape, generator=generator, device=regions.device)
     flat_index = keys.masked_fill_(~regions, -1.0).flatten(1).argmax(dim=1)
     found = regions.flatten(1).any(dim=1)
