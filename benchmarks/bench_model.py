@@ -16,39 +16,19 @@ import argparse
 import json
 import logging
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
+from common import timed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apps" / "mais"))
-
-from lib.model.builder import build_mais  # noqa: E402
-from lib.model.config import MEMORY_MODES, MaisConfig  # noqa: E402
-from lib.model.mais import Mais  # noqa: E402
+from lib.model.builder import build_mais
+from lib.model.config import MEMORY_MODES, MaisConfig
+from lib.model.mais import Mais
 
 logger = logging.getLogger("bench_model")
 PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "memory_attention")
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in milliseconds, synchronising the GPU around each run."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def randomise(model: Mais) -> Mais:

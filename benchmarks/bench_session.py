@@ -9,30 +9,22 @@ machine, whose Python lacks monailabel; HTTP and result writing come on top (see
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from bench_server import CASES, summary
+from common import REPO_ROOT, model_benchmark_parser
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT / "apps" / "mais"), str(Path(__file__).parent)]
-
-from bench_server import CASES, summary  # noqa: E402
-
-from lib.clicks.simulator import first_click, next_click  # noqa: E402
-from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
-from lib.imaging import ModelSpaceImage, load_volume  # noqa: E402
-from lib.model.weights import load_mais  # noqa: E402
-from lib.session.interactive import InteractiveSession  # noqa: E402
+from lib.clicks.simulator import first_click, next_click
+from lib.configs.labels import SAMPLE_LABELS
+from lib.imaging import ModelSpaceImage, load_volume
+from lib.model.weights import load_mais
+from lib.session.interactive import InteractiveSession
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--weights", type=Path, default=REPO_ROOT / "apps" / "mais" / "model" / "mais_light.pt")
+    parser = model_benchmark_parser(__doc__)
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()

@@ -9,29 +9,23 @@ loop is lib.training.loop.fit exactly as the trainer runs it (encoder frozen, K 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import SAMPLE_DATA, model_benchmark_parser
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "apps" / "mais"))
-
-from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
-from lib.training.config import FitConfig  # noqa: E402
-from lib.training.loop import fit  # noqa: E402
-from lib.training.real_data import labelled_images, structure_crops  # noqa: E402
+from lib.configs.labels import SAMPLE_LABELS
+from lib.training.config import FitConfig
+from lib.training.loop import fit
+from lib.training.real_data import labelled_images, structure_crops
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--weights", type=Path, default=REPO_ROOT / "apps" / "mais" / "model" / "mais_light.pt")
+    parser = model_benchmark_parser(__doc__)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--clicks", type=int, default=10)
     args = parser.parse_args()
@@ -39,7 +33,7 @@ def main() -> None:
 
     started = time.perf_counter()
     crops = []
-    for image, label in labelled_images(REPO_ROOT / "sample-data"):
+    for image, label in labelled_images(SAMPLE_DATA):
         crops += structure_crops(image, label, SAMPLE_LABELS, np.random.default_rng(0), crops_per_structure=2)
     print(f"{len(crops)} training crops from sample-data in {time.perf_counter() - started:.1f} s")
 

@@ -3,53 +3,31 @@
 The step is the one `lib.training.loop.fit` runs with a training cache (scripts/build_training_cache.py): a batch
 synthesised on the device (lib.training.synthesis), or made of synthetic shapes (lib.training.synthetic), then
 K interaction steps (lib.training.interaction_loop) and the optimiser step. Each part runs `--repeats` times after
-a warm-up and is timed with the device synchronised, so the figures add up to about a step:
+a warm-up and is timed with the device synchronised (median), so the figures add up to about a step:
 
     python benchmarks/bench_training_step.py --device cuda --training-cache data-cache/training_cache.npz
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import model_benchmark_parser, timed
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "apps" / "mais"))
-
-from lib.clicks.simulator import ClickConfig, sample_clicks  # noqa: E402
-from lib.devices import resolve_device  # noqa: E402
-from lib.model.weights import load_mais  # noqa: E402
-from lib.training.interaction_loop import TRAINING_CLICK_MIXES, InteractionConfig, run_interaction  # noqa: E402
-from lib.training.synthesis import Synthesiser, TrainingCache  # noqa: E402
-from lib.training.synthetic import SyntheticConfig, synthetic_sample  # noqa: E402
-
-
-def timed(device: torch.device, repeats: int, work: Callable[[], object]) -> float:
-    """Seconds per call of `work`, after one warm-up call, the device synchronised around each."""
-    work()
-    total = 0.0
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        work()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        total += time.perf_counter() - started
-    return total / repeats
+from lib.clicks.simulator import ClickConfig, sample_clicks
+from lib.devices import resolve_device
+from lib.model.weights import load_mais
+from lib.training.interaction_loop import TRAINING_CLICK_MIXES, InteractionConfig, run_interaction
+from lib.training.synthesis import Synthesiser, TrainingCache
+from lib.training.synthetic import SyntheticConfig, synthetic_sample
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
+    parser = model_benchmark_parser(__doc__, device="auto")
     parser.add_argument("--training-cache", type=Path, required=True)
-    parser.add_argument("--weights", type=Path, default=REPO_ROOT / "apps" / "mais" / "model" / "mais_light.pt")
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
@@ -63,9 +41,9 @@ def main() -> None:
     print(f"training cache loaded in {time.perf_counter() - started:.1f} s")
     images, targets, _ = synthesiser.next_batch(B)
     figures = {
-        f"synthesis from the cache, batch {B}": timed(device, args.repeats, lambda: synthesiser.next_batch(B)),
+        f"synthesis from the cache, batch {B}": timed(lambda: synthesiser.next_batch(B), device, args.repeats),
         f"synthetic shapes, {B} volumes": timed(
-            device, args.repeats, lambda: [synthetic_sample(generator, SyntheticConfig()) for _ in range(B)]
+            lambda: [synthetic_sample(generator, SyntheticConfig()) for _ in range(B)], device, args.repeats
         ),
     }
     rng = np.random.default_rng(0)
@@ -73,7 +51,7 @@ def main() -> None:
     for rule in ("random", "deepest"):
         config = ClickConfig(first_click=rule, next_click=rule)
         figures[f"one '{rule}' click, batch {B}"] = timed(
-            device, args.repeats, lambda c=config: sample_clicks(targets, predictions, rng, c)
+            lambda c=config: sample_clicks(targets, predictions, rng, c), device, args.repeats
         )
 
     model = load_mais(args.weights, device=device).train()
@@ -92,14 +70,14 @@ def main() -> None:
         optimiser.step()
 
     figures[f"interaction forward, K = {args.clicks}, batch {B} (clicks included)"] = timed(
-        device, args.repeats, forward
+        forward, device, args.repeats
     )
-    figures[f"forward + backward + AdamW, K = {args.clicks}, batch {B}"] = timed(device, args.repeats, step)
-    for name, seconds in figures.items():
-        print(f"{name:<62} {seconds * 1000:8.1f} ms")
-    data_s = figures[f"synthesis from the cache, batch {B}"]
-    step_s = figures[f"forward + backward + AdamW, K = {args.clicks}, batch {B}"]
-    print(f"samples/s: {B / (data_s + step_s):.1f} (synthesis + step), {B / step_s:.1f} (step alone) on {device}")
+    figures[f"forward + backward + AdamW, K = {args.clicks}, batch {B}"] = timed(step, device, args.repeats)
+    for name, milliseconds in figures.items():
+        print(f"{name:<62} {milliseconds:8.1f} ms")
+    data_ms = figures[f"synthesis from the cache, batch {B}"]
+    step_ms = figures[f"forward + backward + AdamW, K = {args.clicks}, batch {B}"]
+    print(f"samples/s: {B * 1e3 / (data_ms + step_ms):.1f} (synthesis + step), {B * 1e3 / step_ms:.1f} (step alone)")
 
 
 if __name__ == "__main__":

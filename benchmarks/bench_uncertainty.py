@@ -11,36 +11,31 @@ per structure and their Spearman rank correlation (random ranking: 0 on average)
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import REPO_ROOT, SAMPLE_DATA, SHIPPED_WEIGHTS
 from scipy import stats
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "apps" / "mais"))
-
-from lib.activelearning.disagreement import click_disagreement  # noqa: E402
-from lib.clicks.simulator import interior_point  # noqa: E402
-from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
-from lib.imaging import CropWindow, ModelSpaceImage, load_volume  # noqa: E402
-from lib.model.weights import load_mais  # noqa: E402
-from lib.training.real_data import StructureCrop, image_id, labelled_images  # noqa: E402
-from lib.training.validation import validate  # noqa: E402
+from lib.activelearning.disagreement import click_disagreement
+from lib.clicks.simulator import interior_point
+from lib.configs.labels import SAMPLE_LABELS
+from lib.imaging import CropWindow, ModelSpaceImage, load_volume
+from lib.model.weights import load_mais
+from lib.training.real_data import StructureCrop, image_id, labelled_images
+from lib.training.validation import validate
 
 MIN_VOXELS = 30
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=REPO_ROOT / "apps" / "mais" / "model" / "mais_light.pt")
+    parser.add_argument("--weights", type=Path, default=SHIPPED_WEIGHTS)
     args = parser.parse_args()
     model = load_mais(args.weights)
-    pairs = labelled_images(REPO_ROOT / "sample-data")
-    pairs.append(
-        (REPO_ROOT / "sample-data" / "breast1.nii.gz", REPO_ROOT / "tests" / "data" / "breast1_lesion_label.nii.gz")
-    )
+    pairs = labelled_images(SAMPLE_DATA)
+    pairs.append((SAMPLE_DATA / "breast1.nii.gz", REPO_ROOT / "tests" / "data" / "breast1_lesion_label.nii.gz"))
     rows = []
     for image_path, label_path in pairs:
         image = ModelSpaceImage.from_file(str(image_path))
