@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One generalist training run on the device tool: the whole network, continued from the shipped weights, on
+# samples synthesised on the GPU from the label-map cache (80%) and synthetic shapes (20%), mixed click rules.
+# Every run is a warm restart from the committed weights (apps/mais/model/mais_light.pt, fp16): a fresh AdamW
+# and a learning rate that warms up and decays over the run's time budget, so device sessions add up.
+#
+#   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED
+#
+# OUT gets gen.pt (fp32), gen16.pt.part-* (the fp16 weights in pieces under the device's 16 MiB file limit:
+# `cat gen16.pt.part-* > apps/mais/model/mais_light.pt` here), train_log.txt and gpu_util.txt (nvidia-smi's
+# SM busy share every 5 s). The device call (benchmarks/results/generalist/README.md has the ones that ran):
+#
+#   python scripts/build_training_cache.py          # here, once: data-cache/training_cache.npz
+#   # .whl/: monai, nibabel, medim, appdirs, pydantic, pydantic-core, annotated-types, typing-inspection and
+#   # typing-extensions wheels for the device's Python 3.12 (the device tool's README says how to download them)
+#   run(command="bash scripts/train_generalist.sh $OUT 96 3e-4 420 4", carry=[".whl", "data-cache"])
+set -euo pipefail
+out=$(realpath -m "$1") batch=$2 lr=$3 budget=$4 seed=$5
+repo=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}  # e.g. PYTHON=.venv/bin/python to try it here on the CPU
+export PYTHONUNBUFFERED=1
+if ! $PY -c "import monai, nibabel, medim, pydantic" 2>/dev/null; then  # the device: the carried wheels
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$repo"/.whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+mkdir -p "$out" /tmp/run
+cd "$repo/apps/mais"
+if command -v nvidia-smi >/dev/null; then nvidia-smi dmon -s u -d 5 >"$out/gpu_util.txt" 2>&1 & fi
+$PY -m lib.training.fit --init model/mais_light.pt --train-encoder \
+  --training-cache ../../data-cache/training_cache.npz --cache-fraction 0.8 --click-mix mixed --clicks 10 \
+  --batch-size "$batch" --lr "$lr" --warmup-steps 10 --ce-weight 1.0 --steps 100000 --time-budget-s "$budget" \
+  --no-deterministic --log-every 10 --checkpoint-every 100000 --seed "$seed" --out /tmp/run/gen.pt 2>&1 \
+  | grep --line-buffered -v nvImage | tee "$out/train_log.txt"
+$PY -c "import sys, torch; from lib.model.weights import load_mais, save_mais
+save_mais(load_mais(sys.argv[1]), sys.argv[2], storage_dtype=torch.float16,
+          metadata={'trained_by': 'scripts/train_generalist.sh', 'seed': int(sys.argv[3])})" \
+  /tmp/run/gen.pt /tmp/run/gen16.pt "$seed"
+split -b 15M /tmp/run/gen16.pt "$out/gen16.pt.part-"
