@@ -1,4 +1,4 @@
-"""Benchmark of the MAIS model core (issue 3): parameters, encoder time, time of one click, session memory.
+"""Benchmark of the MAIS model core: parameters, encoder time, time of one click, session memory.
 
     .venv/bin/python benchmarks/bench_model.py                      # CPU
     python3 benchmarks/bench_model.py --device cuda --json out.json # one GPU

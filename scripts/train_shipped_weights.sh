@@ -14,10 +14,11 @@
 #   scripts/train_shipped_weights.sh export   WORK STAGE2_NAME         # -> WORK/mais_light.pt in fp16
 #
 # Every stage-2 run has the same budget (steps x batch; a time budget cuts it short, so give runs equal GPUs) and
-# starts from the same stage-1 network with a fresh memory attention, so the modes differ only in their memory. A stage rerun with the same WORK resumes from its
-# checkpoint (fit's --resume). Seeds are fixed. Held out of all training, for evaluation: the structures in
-# HELD_OUT and the whole breast1 case (sample-data has no label for it; tests/data has its lesion). These are
-# also the structures the shipped weights of b92cd73 never saw, so a stage 1 may continue from them (INIT).
+# starts from the same stage-1 network with a fresh memory attention, so the modes differ only in their memory. A
+# stage rerun with the same WORK resumes from its checkpoint (fit's --resume). Seeds are fixed. Held out of all
+# training, for evaluation: the structures in HELD_OUT and the whole breast1 case (sample-data has no label for
+# it; tests/data has its lesion), which no earlier weights saw either, so a stage 1 may continue from them (INIT).
+# The shipped weights were then trained further by scripts/train_generalist.sh (docs/MODEL_CARD.md).
 set -euo pipefail
 stage=$1
 work=$(realpath -m "$2")
