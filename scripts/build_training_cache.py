@@ -12,7 +12,8 @@ uint8 between robust percentiles. Why uint8 at 1.5 mm: the file must travel with
 
 Held out for validation, recorded in the cache: whole subjects (HELD_OUT_FILES) and whole structure classes
 (HELD_OUT_CLASSES: amygdala and putamen in every labelling that has them); the synthesiser never draws a held-out
-class as a target or part of one (it may still paint it into the image).
+class as a label target or part of one (it may still paint it into the image, and a pseudo-object, grown from
+intensities, may overlap it).
 
 The output (one `.npz`): `labels_NNN` uint8 [X, Y, Z], `image_NNN` uint8 [X, Y, Z] for pairs, and `metadata`, a
 JSON string: {"spacing_mm", "held_out_classes", "volumes": [{set, kind, licence, citation, source_file, source,

@@ -25,7 +25,10 @@ if ! $PY -c "import monai, nibabel, medim, pydantic" 2>/dev/null; then  # the de
 fi
 mkdir -p "$out" /tmp/run
 cd "$repo/apps/mais"
-if command -v nvidia-smi >/dev/null; then nvidia-smi dmon -s u -d 5 >"$out/gpu_util.txt" 2>&1 & fi
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi dmon -s u -d 5 >"$out/gpu_util.txt" 2>&1 &
+  trap 'kill $! 2>/dev/null' EXIT
+fi
 $PY -m lib.training.fit --init model/mais_light.pt --train-encoder \
   --training-cache ../../data-cache/training_cache.npz --cache-fraction 0.8 --click-mix mixed --clicks 10 \
   --batch-size "$batch" --lr "$lr" --warmup-steps 10 --ce-weight 1.0 --steps 100000 --time-budget-s "$budget" \

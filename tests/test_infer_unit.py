@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import nibabel as nib
+import numpy as np
 import pytest
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
@@ -14,9 +16,11 @@ from lib.activelearning.tasks import WEIGHTS_KEY, DisagreementScoring
 from lib.configs.app_settings import AppSettings
 from lib.configs.labels import SAMPLE_LABELS
 from lib.infers.mais import MaisInfer
+from lib.model.config import MEMORY_MODES
 from lib.model.weights import save_mais
 from lib.model_loader import ModelLoader
-from tiny import INSIDE, tiny_model, write_box_image
+from lib.trainers.mais import MaisTrainer
+from tiny import INSIDE, box_truth, tiny_model, write_box_image
 
 INSIDE = list(INSIDE)
 
@@ -125,3 +129,37 @@ def test_the_loader_reloads_only_when_the_file_changes(settings):
     save_mais(tiny_model(), settings.trained_weights)
     republished = loader.get()
     assert republished.model is not served.model and republished.version.startswith("mais_trained.pt@")
+
+
+def test_the_trainer_still_describes_itself_while_the_served_weights_are_unusable(
+    infer, settings, image_file, tmp_path
+):
+    """/info (the trainer's config) is what Slicer and OHIF ask first: it answers while clicks get 503, and a
+    training run is refused with 503 naming the file instead of failing in the background."""
+    trainer = MaisTrainer(settings, dict(SAMPLE_LABELS), infer.model_loader)
+    healthy = trainer.config()
+    settings.weights.write_bytes(b"not a weights file")
+    assert trainer.config()["memory_mode"][0] in MEMORY_MODES
+    assert set(trainer.config()) == set(healthy)
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    shutil.copy(image_file, studies / "box.nii.gz")
+    nib.save(
+        nib.Nifti1Image(box_truth().astype(np.uint8), np.diag([4.0, 4.0, 4.0, 1.0])),
+        studies / "labels" / "final" / "box.nii.gz",
+    )
+    with pytest.raises(HTTPException) as error:
+        trainer({"max_epochs": 1, "multi_gpu": False}, LocalDatastore(str(studies)))
+    assert error.value.status_code == 503 and str(settings.weights) in error.value.detail
+
+
+def test_a_click_on_an_existing_session_does_not_prepare_its_image_again(infer, image_file):
+    """The prepared-image cache holds a few images only: a session's next click must not reload its image (with
+    many images in use that would mean reading and resampling the file on every click)."""
+    infer(slicer(image_file, "lesion", [INSIDE]))
+
+    def prepare_again(*_):
+        raise AssertionError("the image was prepared again")
+
+    infer._prepared_image = prepare_again
+    assert infer(slicer(image_file, "lesion", [INSIDE, [11, 13, 9]]))[1]["steps_run"] == 1

@@ -253,7 +253,7 @@ def test_cli_parses_the_documented_options(tmp_path):
     assert (config.memory_mode, config.steps, config.batch_size, config.clicks) == ("dense", 7, 3, 5)
     assert not config.freeze_encoder and config.synthetic_fraction == 0.5 and config.amp == "bf16"
     assert gpus == 1 and parse_args(["--gpus", "2"])[1] == 2
-    assert parse_args([])[0].freeze_encoder  # frozen by default (issue 5)
+    assert parse_args([])[0].freeze_encoder  # frozen by default: the web-UI trainer's CPU fine-tune
     with pytest.raises(SystemExit):
         parse_args(["--memory-mode", "everything"])
 

@@ -29,8 +29,8 @@ MAX_LOAD_ATTEMPTS = 3
 
 
 class ServedModel(NamedTuple):
-    """model: eval mode, on the loader's device. version: `<file name>@<modification time ns>` of the file the
-    weights were read from; it changes whenever training publishes."""
+    """model: eval mode, on the loader's device. version: `<file name>@<inode>:<modification time ns>` of the file
+    the weights were read from; it changes whenever training publishes."""
 
     model: Mais
     version: str
@@ -72,7 +72,8 @@ class ModelLoader:
         started = time.perf_counter()
         warm_up(model)
         logger.info("loaded MAIS weights %s on %s (warm-up %.2f s)", path, self.device, time.perf_counter() - started)
-        return ServedModel(model, f"{path.name}@{before[1]}"), before
+        # the inode too: a file put back with its old modification time (cp -p, a restored backup) is new weights
+        return ServedModel(model, f"{path.name}@{before[0]}:{before[1]}"), before
 
 
 @torch.inference_mode()

@@ -11,7 +11,6 @@ VolumeExtension = Literal[".nrrd", ".nii.gz", ".nii"]
 VOLUME_EXTENSIONS: tuple[str, ...] = get_args(VolumeExtension)
 # numpy dtype names a result label may be written in (`result_dtype`)
 ResultDtype = Literal["uint8", "uint16", "int16", "int32", "float32"]
-RESULT_DTYPES: tuple[str, ...] = get_args(ResultDtype)
 
 
 def volume_extension(path: str | Path) -> str | None:

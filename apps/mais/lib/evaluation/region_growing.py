@@ -97,8 +97,8 @@ class RegionGrowingSession:
     image: np.ndarray  # float [I, J, K], the file's intensities
     spacing_mm: np.ndarray  # [3]
     config: RegionGrowingConfig = RegionGrowingConfig()
-    clicks: list[Click] = field(default_factory=list)
-    mask: np.ndarray | None = None
+    clicks: list[Click] = field(default_factory=list, init=False)
+    mask: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.mask = np.zeros(self.image.shape, dtype=bool)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -66,6 +67,9 @@ class MaisInfer(InferTask):
             max_bytes=settings.max_session_mb * 2**20,
         )
         self._sessions_version = served.version  # the weights the stored sessions' memories were built by
+        # held from reading the served model to claiming a session with it: a publish in between must not leave a
+        # session of the old weights in a store that was cleared for the new ones
+        self._version_lock = threading.Lock()
         self._prepared_image = functools.lru_cache(maxsize=PREPARED_IMAGE_CACHE_SIZE)(self._prepare_image)
 
     def is_valid(self) -> bool:
@@ -87,21 +91,20 @@ class MaisInfer(InferTask):
             raise HTTPException(status_code=422, detail=str(error)) from None
         if not os.path.isfile(image_path):
             raise HTTPException(status_code=404, detail=f"image not found: {request.get('image')!r}")
-        try:
-            model, version = self.model_loader.get()
-        except WeightsError as error:  # e.g. a published file deleted or damaged by hand: fixable without restart
-            raise HTTPException(status_code=503, detail=f"the served weights cannot be used: {error}") from None
-        if version != self._sessions_version:
-            self.sessions.clear()  # memories built by other weights are meaningless to the new ones
-            self._sessions_version = version
-        try:
-            image = self._prepared(image_path)
-        except VolumeError as error:
-            raise HTTPException(status_code=422, detail=str(error)) from None
-        _check_inside(clicks, image.original_shape)  # before a session exists: a bad click costs no state
-
         key = SessionKey(clicks.owner, image_path, clicks.label)
-        entry = self.sessions.claim(key, lambda: InteractiveSession(image, model))
+        existing = self.sessions.get(key)
+        # a session's image is its own: only a new session prepares one (the cache holds a few images only)
+        image = existing.session.image if existing is not None else self._prepared(image_path)
+        _check_inside(clicks, image.original_shape)  # before a session exists: a bad click costs no state
+        with self._version_lock:
+            try:
+                model, version = self.model_loader.get()
+            except WeightsError as error:  # e.g. a published file deleted or damaged by hand: fixable, no restart
+                raise HTTPException(status_code=503, detail=f"the served weights cannot be used: {error}") from None
+            if version != self._sessions_version:
+                self.sessions.clear()  # memories built by other weights are meaningless to the new ones
+                self._sessions_version = version
+            entry = self.sessions.claim(key, lambda: InteractiveSession(image, model))
         prepared = time.perf_counter()
         with entry.lock:
             session = entry.session
@@ -154,7 +157,11 @@ class MaisInfer(InferTask):
         return (changed or list(clicked))[-1]
 
     def _prepared(self, image_path: str) -> ModelSpaceImage:
-        return self._prepared_image(image_path, os.stat(image_path).st_mtime_ns)
+        """The image in model space; HTTP 422 naming what is wrong when it cannot be read as a 3D volume."""
+        try:
+            return self._prepared_image(image_path, os.stat(image_path).st_mtime_ns)
+        except VolumeError as error:
+            raise HTTPException(status_code=422, detail=str(error)) from None
 
     @staticmethod
     def _prepare_image(image_path: str, mtime_ns: int) -> ModelSpaceImage:

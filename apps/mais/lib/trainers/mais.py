@@ -38,6 +38,7 @@ from lib.atomic_file import atomic_write
 from lib.configs.app_settings import AppSettings, MemoryMode
 from lib.devices import DEVICE_NAMES, DeviceName
 from lib.model.config import MEMORY_MODES
+from lib.model.weights import WeightsError
 from lib.model_loader import ModelLoader
 from lib.training.config import FitConfig
 from lib.training.distributed import available_gpus, fit_distributed
@@ -126,7 +127,10 @@ class MaisTrainer(TrainTask):
     def config(self) -> dict[str, Any]:
         """The options Slicer and OHIF show, with their defaults (a list is a choice, its first item the default)."""
         defaults = TrainRequest()
-        served_mode = self.model_loader.get()[0].config.memory_mode
+        try:
+            served_mode = self.model_loader.get().model.config.memory_mode
+        except WeightsError:  # /info must answer while the served file is unusable (clicks get 503 naming it)
+            served_mode = MEMORY_MODES[-1]
         modes = [served_mode, *(m for m in reversed(MEMORY_MODES) if m != served_mode)]
         devices = [self.settings.device, *(d for d in DEVICE_NAMES if d != self.settings.device)]
         return {
@@ -158,7 +162,11 @@ class MaisTrainer(TrainTask):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         options = TrainRequest.from_request(request)
-        device = options.device or self.settings.device
+        # the app's own device setting falls back to the CPU without a GPU, as serving does; a run asking for
+        # cuda itself is refused there (_world_size)
+        device = options.device or (
+            "cpu" if self.settings.device == "cuda" and not available_gpus() else self.settings.device
+        )
         world_size = _world_size(options, device)
         datalist = datastore.datalist()
         if not datalist:
@@ -179,7 +187,10 @@ class MaisTrainer(TrainTask):
         run_dir = self.settings.train_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
         steps_per_epoch = math.ceil(len(crops) / (options.train_batch_size * world_size))
         init = self.model_loader.path
-        served = self.model_loader.get()[0].config
+        try:
+            served = self.model_loader.get().model.config
+        except WeightsError as error:
+            raise HTTPException(status_code=503, detail=f"the served weights cannot be trained from: {error}") from None
         config = FitConfig(
             out=run_dir / "last.pt",
             init=init,

@@ -7,12 +7,13 @@ module a concept: config (FitConfig), data_sources (batches of real and syntheti
 the embedding cache), initial_model (init weights or a fresh network), optimisation (AdamW and its schedule),
 checkpoint (weights and `--resume` state), progress (log lines, validation and the best weights), loop (`fit`),
 distributed (`fit_distributed`, DDP over several GPUs); the interaction loop shared with validation is
-interaction_loop, the synthetic volumes synthetic, the crops of labelled images real_data.
+interaction_loop, the synthetic volumes synthetic, the samples painted from label maps on the training device
+synthesis, the crops of labelled images real_data.
 
-Stages of the shipped weights (scripts/train_shipped_weights.sh): (1) the light encoder trains with the whole
-network on synthetic volumes (`--train-encoder --memory-mode none`); (2) the encoder is frozen (`--init
-stage1.pt`) and the prompt encoder, mask decoder and memory attention fine-tune on real crops plus synthetic
-volumes.
+Stages of the shipped weights: (1) the light encoder trains with the whole network on synthetic volumes
+(`--train-encoder --memory-mode none`) and (2) the prompt encoder, mask decoder and memory attention fine-tune
+on real crops plus synthetic volumes, encoder frozen (scripts/train_shipped_weights.sh); (3) the whole network
+trains on samples painted from label maps, with mixed click rules (scripts/train_generalist.sh).
 """
 
 from __future__ import annotations

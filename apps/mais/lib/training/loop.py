@@ -161,44 +161,46 @@ def fit(
     window = deque(maxlen=config.log_every)  # (loss, dice_per_click [K]) of recent steps
     loop_started, samples, slowest_step_s, last_log = time.monotonic(), 0, 0.0, None
     budget_used_s = time.monotonic() - fit_started
-    while step < config.steps:
-        step_started = time.monotonic()
-        lr = schedule.apply(step, budget_used_s)
-        keys, images, masks = source.next_batch(rng)
-        with autocast:
-            loss, dice_per_click = interaction_step(keys, images, masks, rng)
-        optimise(loss, optimiser, config.max_grad_norm)
-        step += 1
-        samples += len(keys) * world_size
-        window.append((loss.item(), dice_per_click.cpu()))
-        slowest_step_s = max(slowest_step_s, time.monotonic() - step_started)
+    try:
+        while step < config.steps:
+            step_started = time.monotonic()
+            lr = schedule.apply(step, budget_used_s)
+            keys, images, masks = source.next_batch(rng)
+            with autocast:
+                loss, dice_per_click = interaction_step(keys, images, masks, rng)
+            optimise(loss, optimiser, config.max_grad_norm)
+            step += 1
+            samples += len(keys) * world_size
+            window.append((loss.item(), dice_per_click.cpu()))
+            slowest_step_s = max(slowest_step_s, time.monotonic() - step_started)
 
-        if is_main and (step % config.log_every == 0 or step == config.steps):
-            elapsed = time.monotonic() - loop_started
-            last_log = training_log(window, step, config.steps, lr, samples / elapsed, elapsed)
-            logger.info(format_log(last_log, cache))
-            if on_log is not None:
-                on_log(last_log)
-        # the budget counts from the call (set-up included): it guards a wall-clock limit such as the device's
-        now_s = time.monotonic() - fit_started
-        budget_used_s, next_step_ends_s = _slowest_process([now_s, now_s + slowest_step_s], device)
-        out_of_time = config.time_budget_s is not None and next_step_ends_s > config.time_budget_s
-        if validation is not None and (
-            (config.validate_every and step % config.validate_every == 0) or step == config.steps or out_of_time
-        ):
-            validation.run(step)
-        if is_main and (step % config.checkpoint_every == 0 or step == config.steps or out_of_time):
-            save_checkpoint(model, optimiser, rng, source.generator, step, config, last_log)
-        if out_of_time:
-            logger.info(
-                "time budget %.0f s reached after step %d; resume with --resume %s",
-                config.time_budget_s,
-                step,
-                config.state_path,
-            )
-            break
+            if is_main and (step % config.log_every == 0 or step == config.steps):
+                elapsed = time.monotonic() - loop_started
+                last_log = training_log(window, step, config.steps, lr, samples / elapsed, elapsed)
+                logger.info(format_log(last_log, cache))
+                if on_log is not None:
+                    on_log(last_log)
+            # the budget counts from the call (set-up included): it guards a wall-clock limit such as the device's
+            now_s = time.monotonic() - fit_started
+            budget_used_s, next_step_ends_s = _slowest_process([now_s, now_s + slowest_step_s], device)
+            out_of_time = config.time_budget_s is not None and next_step_ends_s > config.time_budget_s
+            if validation is not None and (
+                (config.validate_every and step % config.validate_every == 0) or step == config.steps or out_of_time
+            ):
+                validation.run(step)
+            if is_main and (step % config.checkpoint_every == 0 or step == config.steps or out_of_time):
+                save_checkpoint(model, optimiser, rng, source.generator, step, config, last_log)
+            if out_of_time:
+                logger.info(
+                    "time budget %.0f s reached after step %d; resume with --resume %s",
+                    config.time_budget_s,
+                    step,
+                    config.state_path,
+                )
+                break
 
-    source.close()
+    finally:  # the synthetic workers stop also when a step raises (out of memory in the server's process)
+        source.close()
     samples_per_s = samples / max(time.monotonic() - loop_started, 1e-9)
     result = FitResult(step, step >= config.steps, config.out, config.state_path, last_log, samples_per_s)
     if validation is not None:

@@ -11,8 +11,8 @@ A sample is one CROP_SIZE^3 crop of model space (1.5 mm) with a click target:
   back), noise, and `normalise_intensity`, the normalisation every real image gets at inference;
 - target: one label, a union of 2-3 touching labels, or one connected component of one label; on a real image
   without labels (pseudo-object), the intensity-connected region under a seed. Held-out structure classes of the
-  cache are never (part of) a target; targets under `min_target_voxels` or filling almost the whole crop are
-  drawn again.
+  cache are never (part of) a label target (a pseudo-object follows intensities, not labels, and may overlap
+  one); targets under `min_target_voxels` or filling almost the whole crop are drawn again.
 
 Randomness: one torch.Generator (the caller's, on the device) fixes every sample; scalar choices come from a host
 generator seeded once from it, so a batch needs a single host-device synchronisation (the target size check)
