@@ -191,7 +191,7 @@ def test_the_old_name_epochs_still_sets_the_number_of_epochs(labelled_server, sh
         ({"no_such_option": 1}, "unknown option 'no_such_option'"),
         ({"val_batch_size": 4}, "unknown option 'val_batch_size'"),  # MONAI Label's, meaningless here: one crop
         ({"epochs": 2, "max_epochs": 3}, "send max_epochs alone"),
-        ({"gpus": "first"}, "gpus"),
+        ({"gpus": "first"}, "gpus: String should match pattern"),
     ],
 )
 def test_bad_or_unknown_training_options_get_422_naming_the_option(training_server, options, detail):

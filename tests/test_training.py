@@ -321,3 +321,11 @@ def test_fit_distributed_trains_with_ddp_on_two_cpu_processes(tmp_path, tiny_wei
     initial, trained = load_mais(tiny_weights), load_mais(result.weights_path)
     assert changed(parameters_of(initial.mask_decoder), trained.mask_decoder)
     assert not changed(parameters_of(initial.image_encoder), trained.image_encoder)
+
+
+def test_a_training_cache_without_a_share_of_the_samples_is_refused_not_ignored():
+    for argv in (["--training-cache", "cache.npz"], ["--cache-fraction", "0.5"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+    config, _ = parse_args(["--training-cache", "cache.npz", "--cache-fraction", "0.5"])
+    assert config.cache_fraction == 0.5

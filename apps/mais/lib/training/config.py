@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lib.model.config import MemoryMode, NetworkName, PromptClicks
 
@@ -105,6 +105,13 @@ class FitConfig(BaseModel):
     def best_path(self) -> Path:
         """Where the weights with the best validation score are written, beside the weights."""
         return self.out.with_name(self.out.name.removesuffix(".pt") + ".best.pt")
+
+    @model_validator(mode="after")
+    def _cache_options_agree(self) -> FitConfig:
+        # one without the other would be ignored without a word
+        if (self.training_cache is None) != (self.cache_fraction == 0):
+            raise ValueError("training_cache and cache_fraction go together: give both (a fraction above 0) or neither")
+        return self
 
     def replace(self, **changes: Any) -> FitConfig:
         """A copy with `changes`, validated as a new config is."""

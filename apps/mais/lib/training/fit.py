@@ -75,10 +75,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FitConfig, int]:
     args = vars(parser.parse_args(argv))
     gpus = args.pop("gpus")
     try:
-        return FitConfig(**args), gpus
+        config = FitConfig(**args)
     except ValidationError as error:
-        problems = [f"{_flag(str(item['loc'][0]))} {item['input']!r}: {item['msg']}" for item in error.errors()]
+        problems = [
+            f"{_flag(str(item['loc'][0]))} {item['input']!r}: {item['msg']}" if item["loc"] else item["msg"]
+            for item in error.errors()
+        ]
         parser.error("; ".join(problems))
+    return config, gpus
 
 
 def main(argv: Sequence[str] | None = None) -> FitResult:
