@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", default="", help="comma-separated image names to keep (default: all)")
     parser.add_argument("--structures", default="", help="comma-separated label names to keep (default: all)")
     parser.add_argument("--labels", type=Path, help="label map JSON (default: the sample labels)")
-    parser.add_argument("--rules", default="center", help=f"comma-separated click rules of {sorted(CLICK_PRESETS)}")
+    parser.add_argument("--rules", default="center", help=f"comma-separated click presets of {sorted(CLICK_PRESETS)}")
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     rules = args.rules.split(",")
     unknown = set(rules) - set(CLICK_PRESETS)
     if unknown:
-        parser.error(f"unknown click rule(s) {sorted(unknown)}; known: {sorted(CLICK_PRESETS)}")
+        parser.error(f"unknown click preset(s) {sorted(unknown)} in --rules; known: {sorted(CLICK_PRESETS)}")
 
     data = cases(args)
     if not data:

@@ -32,11 +32,6 @@ class RegionGrowingConfig:
     neighbourhood_radius: int = 1  # voxels around each seed that give the first statistics
 
 
-def voxel_spacing_mm(affine: np.ndarray) -> np.ndarray:
-    """The voxel size [3] (mm) along each array axis of the voxel->world `affine` [4, 4]."""
-    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
-
-
 def grow(
     image: np.ndarray, spacing_mm: np.ndarray, clicks: list[Click], config: RegionGrowingConfig = RegionGrowingConfig()
 ) -> np.ndarray:
@@ -106,7 +101,7 @@ class RegionGrowingSession:
     @classmethod
     def of(cls, original: MetaTensor, config: RegionGrowingConfig = RegionGrowingConfig()) -> RegionGrowingSession:
         """From lib.imaging.load_volume's [1, I, J, K] image."""
-        return cls(np.asarray(original[0], dtype=np.float32), voxel_spacing_mm(original.affine.numpy()), config)
+        return cls(np.asarray(original[0], dtype=np.float32), original.pixdim.numpy(), config)
 
     def add_click(self, click: Click) -> None:
         self.clicks.append(click)
