@@ -61,9 +61,10 @@ def bench_encoder(config: MaisConfig, device: torch.device, repeats: int, refere
     return row
 
 
-def one_click(model: Mais, emb, coords, labels, prev, memory) -> torch.Tensor:
-    """What the issue times as one click: prompt encoder + memory attention + mask decoder + upsampling."""
-    return model.upsample_logits(model.predict(emb, coords, labels, prev, memory).low_res_logits)
+def one_click(model: Mais, emb, volume, coords, labels, prev, memory) -> torch.Tensor:
+    """What the issue times as one click: prompt encoder + memory attention + mask decoder + upsampling and the
+    full-resolution refinement."""
+    return model.mask_logits(model.predict(emb, coords, labels, prev, memory).low_res_logits, volume, coords, labels)
 
 
 def bench_clicks(device: torch.device, repeats: int, sizes=(0, 10, 60)) -> list[dict]:
@@ -71,6 +72,7 @@ def bench_clicks(device: torch.device, repeats: int, sizes=(0, 10, 60)) -> list[
     model = randomise(build_mais(MaisConfig.light())).to(device)
     gen = torch.Generator().manual_seed(2)
     emb = torch.randn(1, 384, 8, 8, 8, generator=gen).to(device)
+    volume = torch.randn(1, 1, 128, 128, 128, generator=gen).to(device)
     coords = torch.randint(0, 128, (1, 1, 3), generator=gen).float().to(device)
     labels = torch.ones(1, 1, dtype=torch.long, device=device)
     for mode in MEMORY_MODES:
@@ -81,7 +83,7 @@ def bench_clicks(device: torch.device, repeats: int, sizes=(0, 10, 60)) -> list[
             for n in sizes:
                 while len(memory) < n:
                     memory.push(model.predict(emb, coords, labels, prev, memory).memory_entry)
-                click = partial(one_click, model, emb, coords, labels, prev, memory)
+                click = partial(one_click, model, emb, volume, coords, labels, prev, memory)
                 row = {"mode": mode, "N": n, "click_ms": timed(click, device, repeats, warmup=3)}
                 if n == max(sizes):
                     row["memory_bytes"] = memory.nbytes()

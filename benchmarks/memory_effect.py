@@ -36,8 +36,8 @@ def memory_effect(path: Path) -> str:
         for _ in range(VOLUMES):
             image, mask = synthetic_sample(generator)
             embedding = memory_on.embed_image(image[None])
-            on = run_interaction(memory_on, embedding, mask[None], np.random.default_rng(0), config)
-            off = run_interaction(memory_off, embedding, mask[None], np.random.default_rng(0), config)
+            on = run_interaction(memory_on, embedding, image[None], mask[None], np.random.default_rng(0), config)
+            off = run_interaction(memory_off, embedding, image[None], mask[None], np.random.default_rng(0), config)
             changed.append((on.final_masks != off.final_masks).sum().item() / mask.sum().item())
             dice_on.append(on.dice_per_click[-1].item())
             dice_off.append(off.dice_per_click[-1].item())

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One generalist training run on the device tool: the whole network, continued from the shipped weights, on
-# samples synthesised on the GPU from the label-map cache (80%) and synthetic shapes (20%), mixed click rules.
-# Every run is a warm restart from the committed weights (apps/mais/model/mais_light.pt, fp16): a fresh AdamW
-# and a learning rate that warms up and decays over the run's time budget, so device sessions add up.
+# One generalist training run on the device tool: the whole network with the full-resolution refinement head
+# (added at zero where the weights lack it), continued from the shipped weights, on samples synthesised on the
+# GPU from the label-map cache (90%) and synthetic shapes (10%), mixed click rules. Every run is a warm restart
+# from the committed weights (apps/mais/model/mais_light.pt, fp16): a fresh AdamW and a learning rate that warms
+# up and decays over the run's time budget, so device sessions add up.
 #
-#   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED
+#   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED [CLICKS]
 #
+# CLICKS: interaction steps K per sample (default 10).
 # OUT gets gen.pt (fp32), gen16.pt.part-* (the fp16 weights in pieces under the device's 16 MiB file limit:
 # `cat gen16.pt.part-* > apps/mais/model/mais_light.pt` here), train_log.txt and gpu_util.txt (nvidia-smi's
 # SM busy share every 5 s). The device call (benchmarks/results/generalist/README.md has the ones that ran):
@@ -15,7 +17,7 @@
 #   # typing-extensions wheels for the device's Python 3.12 (the device tool's README says how to download them)
 #   run(command="bash scripts/train_generalist.sh $OUT 96 3e-4 420 4", carry=[".whl", "data-cache"])
 set -euo pipefail
-out=$(realpath -m "$1") batch=$2 lr=$3 budget=$4 seed=$5
+out=$(realpath -m "$1") batch=$2 lr=$3 budget=$4 seed=$5 clicks=${6:-10}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}  # e.g. PYTHON=.venv/bin/python to try it here on the CPU
 export PYTHONUNBUFFERED=1
@@ -29,8 +31,8 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi dmon -s u -d 5 >"$out/gpu_util.txt" 2>&1 &
   trap 'kill $! 2>/dev/null' EXIT
 fi
-$PY -m lib.training.fit --init model/mais_light.pt --train-encoder \
-  --training-cache ../../data-cache/training_cache.npz --cache-fraction 0.8 --click-mix mixed --clicks 10 \
+$PY -m lib.training.fit --init model/mais_light.pt --train-encoder --refinement \
+  --training-cache ../../data-cache/training_cache.npz --cache-fraction 0.9 --click-mix mixed --clicks "$clicks" \
   --batch-size "$batch" --lr "$lr" --warmup-steps 10 --ce-weight 1.0 --steps 100000 --time-budget-s "$budget" \
   --no-deterministic --log-every 10 --checkpoint-every 100000 --seed "$seed" --out /tmp/run/gen.pt 2>&1 \
   | grep --line-buffered -v nvImage | tee "$out/train_log.txt"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.activelearning.disagreement import click_disagreement
 from lib.clicks.history import reconcile
 from lib.clicks.simulator import NEGATIVE, POSITIVE, Click, first_click, next_click
 from lib.evaluation.interactive import evaluate_structure
@@ -42,8 +43,9 @@ def run_session(model, image):
 def run_training_loop(model, image):
     masks = torch.zeros((2, 1, 128, 128, 128), dtype=torch.bool)
     masks[:, :, 40:70, 50:80, 30:60] = True
-    embeddings = model.embed_image(torch.randn(2, 1, 128, 128, 128))
-    run_interaction(model, embeddings, masks, np.random.default_rng(0), InteractionConfig(num_clicks=2))
+    volumes = torch.randn(2, 1, 128, 128, 128)
+    embeddings = model.embed_image(volumes)
+    run_interaction(model, embeddings, volumes, masks, np.random.default_rng(0), InteractionConfig(num_clicks=2))
 
 
 def run_validation(model, image):
@@ -56,26 +58,33 @@ def run_evaluation(model, image):
     evaluate_structure(model, image, box_truth(), "box", "center", clicks=2)
 
 
+def run_active_learning(model, image):
+    click_disagreement(model, image, np.array([40, 40, 40]), offset_voxels=3)
+
+
 # caller -> (batch size, clicks the step was given at each step)
 CALLERS = {
     "session": (run_session, 1, [1, 2]),
     "training loop": (run_training_loop, 2, [1, 2]),
     "validation": (run_validation, 1, [1, 2]),
     "evaluation": (run_evaluation, 1, [1, 2]),
+    "active learning": (run_active_learning, 7, [1]),  # one first click, repeated at six offsets
 }
 
 
 @pytest.mark.parametrize("caller", list(CALLERS))
 def test_every_caller_runs_the_one_interaction_step(model, image, caller, monkeypatch):
-    """The server's session, the training loop, validation and the evaluation all predict through
-    `InteractionState.step`, one call per click, with the clicks so far, the newest last."""
+    """The server's session, the training loop, validation, the evaluation and active learning all predict
+    through `InteractionState.step`, one call per click, with the clicks so far, the newest last, and the
+    volumes the embeddings were made of (what the refinement head sees)."""
     run, batch_size, clicks_per_step = CALLERS[caller]
     calls = []
     step = InteractionState.step
 
-    def spy(state, model, image_embeddings, click_coords, click_labels):
+    def spy(state, model, image_embeddings, volume, click_coords, click_labels, refine=True):
+        assert volume.shape == (image_embeddings.shape[0], 1, 128, 128, 128)
         calls.append((click_coords.shape[0], click_coords.shape[1], len(state.memory)))
-        return step(state, model, image_embeddings, click_coords, click_labels)
+        return step(state, model, image_embeddings, volume, click_coords, click_labels, refine)
 
     monkeypatch.setattr(InteractionState, "step", spy)
     run(model, image)
@@ -96,9 +105,10 @@ def test_the_prompt_gets_all_clicks_or_only_the_newest():
 
 def test_a_step_pushes_one_memory_entry_and_keeps_its_logits(model):
     state = InteractionState.start(model)
-    embedding = model.embed_image(torch.randn(1, 1, 128, 128, 128))
+    volume = torch.randn(1, 1, 128, 128, 128)
+    embedding = model.embed_image(volume)
     with torch.inference_mode():
-        out = state.step(model, embedding, torch.tensor([[[64.0, 64.0, 64.0]]]), torch.tensor([[POSITIVE]]))
+        out = state.step(model, embedding, volume, torch.tensor([[[64.0, 64.0, 64.0]]]), torch.tensor([[POSITIVE]]))
     assert len(state.memory) == 1
     assert state.low_res_logits.shape == (1, 1, 32, 32, 32) and torch.equal(state.low_res_logits, out.low_res_logits)
 

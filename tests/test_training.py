@@ -101,7 +101,7 @@ def test_interaction_loop_runs_steps_in_the_inference_order(prompt_clicks, point
 
     model.predict = spy
     result = run_interaction(
-        model, model.embed_image(images), masks, np.random.default_rng(0), InteractionConfig(num_clicks=4)
+        model, model.embed_image(images), images, masks, np.random.default_rng(0), InteractionConfig(num_clicks=4)
     )
     assert seen == [(points, k, k == 0) for k, points in enumerate(points_per_step)]
     assert result.loss.ndim == 0 and result.loss.requires_grad
@@ -124,11 +124,11 @@ def test_training_steps_reduce_the_loss_and_leave_a_frozen_encoder_unchanged():
 
     def loss_on_the_batch() -> float:
         with torch.no_grad():
-            return run_interaction(model, image_embeddings, masks, np.random.default_rng(0), config).loss.item()
+            return run_interaction(model, image_embeddings, images, masks, np.random.default_rng(0), config).loss.item()
 
     initial_loss = loss_on_the_batch()
     for step in range(10):
-        result = run_interaction(model, image_embeddings, masks, np.random.default_rng(step), config)
+        result = run_interaction(model, image_embeddings, images, masks, np.random.default_rng(step), config)
         optimiser.zero_grad()
         result.loss.backward()
         optimiser.step()
@@ -167,7 +167,7 @@ def test_a_trainable_encoder_gets_gradients_through_the_loop():
     model = tiny_model("none")
     images, masks = tiny_batch(1)
     result = run_interaction(
-        model, model.embed_image(images), masks, np.random.default_rng(0), InteractionConfig(num_clicks=2)
+        model, model.embed_image(images), images, masks, np.random.default_rng(0), InteractionConfig(num_clicks=2)
     )
     result.loss.backward()
     assert all(p.grad is not None for p in model.image_encoder.parameters() if p.requires_grad)

@@ -20,6 +20,7 @@ import torch
 
 from lib.imaging import CROP_SIZE, CropWindow, ModelSpaceImage
 from lib.metrics import batch_dice
+from lib.model.interaction import InteractionState
 from lib.model.mais import Mais
 
 
@@ -60,10 +61,12 @@ def click_disagreement(model: Mais, image: ModelSpaceImage, point: np.ndarray, o
     offsets = np.concatenate([np.zeros((1, 3)), np.eye(3) * offset_voxels, -np.eye(3) * offset_voxels])
     clicks = np.clip(centre + offsets, 0, CROP_SIZE - 1)
     batch = len(clicks)
-    out = model.predict(
+    out = InteractionState.start(model, batch_size=batch).step(
+        model,
         embedding.expand(batch, -1, -1, -1, -1),
+        crop.expand(batch, -1, -1, -1, -1),
         torch.as_tensor(clicks, dtype=torch.float32, device=device)[:, None],
         torch.ones(batch, 1, dtype=torch.int64, device=device),
     )
-    masks = model.upsample_logits(out.low_res_logits) > 0
+    masks = out.logits > 0
     return float(1.0 - batch_dice(masks[1:], masks[:1].expand_as(masks[1:])).float().mean())

@@ -19,14 +19,16 @@ from .config import MaisConfig
 from .image_encoder import ImageEncoder3D
 from .mais import Mais
 from .memory_attention import MemoryAttention
+from .refinement import MaskRefinement
 
 # SAM-Med3D's prompt embedding width; medim's MaskDecoder3D fixes its transformer around it (8 heads, MLP 2048)
 PROMPT_EMBED_DIM = 384
 
 
 def build_mais(config: MaisConfig, device: torch.device | str | None = None) -> Mais:
-    """A Mais model in eval mode with random weights (memory attention's output projection zero: see
-    memory_attention.py). device "meta" builds shapes only (no memory, instant)."""
+    """A Mais model in eval mode with random weights (memory attention's output projection and the refinement
+    head's last layer zero: see memory_attention.py and refinement.py). device "meta" builds shapes only (no
+    memory, instant)."""
     enc = config.encoder
     grid = enc.img_size // enc.patch_size
     with torch.device(device) if device is not None else contextlib.nullcontext():
@@ -56,4 +58,5 @@ def build_mais(config: MaisConfig, device: torch.device | str | None = None) -> 
             num_multimask_outputs=3, transformer_dim=PROMPT_EMBED_DIM, iou_head_depth=3, iou_head_hidden_dim=256
         )
         memory_attention = MemoryAttention(PROMPT_EMBED_DIM, config.memory_size, config.memory_attention)
-    return Mais(image_encoder, prompt_encoder, mask_decoder, memory_attention, config).eval()
+        refinement = MaskRefinement() if config.refinement else None
+    return Mais(image_encoder, prompt_encoder, mask_decoder, memory_attention, config, refinement).eval()

@@ -8,6 +8,8 @@ all run (the evaluation through the session, validation through the training loo
     4. state.low_res_logits = out.low_res_logits  fed back as the previous mask of the next step (detached: at
                                                   inference it is a given input, and in training it keeps each
                                                   step's decoder graph on its own)
+    5. logits = model.mask_logits(...)            the step's full-resolution mask logits: the decoder's
+                                                  upsampled, refined when the model has the refinement head
 
 `InteractionState` is what one interaction carries from step to step; it holds no clicks, because who owns the
 clicks differs: the training loop keeps every simulated click of a crop (`concat_points`), while a server session
@@ -21,8 +23,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .mais import Mais, MaisOutput
+from .mais import Mais
+from .memory_attention import MemoryAttentionWeights
 from .memory_bank import MemoryBank
+
+
+@dataclass
+class StepOutput:
+    """What one interaction step returns. low_res_logits [B, 1, 32, 32, 32]: the decoder's (with the graph, for
+    a loss; the state keeps a detached copy). logits [B, 1, 128, 128, 128]: the step's mask logits (mask =
+    logits > 0). attention: the memory attention's weights (None in memory mode "none")."""
+
+    low_res_logits: Tensor
+    logits: Tensor
+    attention: MemoryAttentionWeights | None
 
 
 @dataclass
@@ -38,19 +52,34 @@ class InteractionState:
         """An interaction before its first step: empty memory, no previous mask."""
         return cls(model.new_memory(batch_size=batch_size))
 
-    def step(self, model: Mais, image_embeddings: Tensor, click_coords: Tensor, click_labels: Tensor) -> MaisOutput:
-        """One interaction step (module docstring); returns the model's output (its low_res_logits [B, 1, 32^3]).
+    def step(
+        self,
+        model: Mais,
+        image_embeddings: Tensor,
+        volume: Tensor,
+        click_coords: Tensor,
+        click_labels: Tensor,
+        refine: bool = True,
+    ) -> StepOutput:
+        """One interaction step (module docstring).
 
-        image_embeddings [B, E, 8, 8, 8] from `model.embed_image`. click_coords [B, N, 3] float (d0, d1, d2) crop
+        image_embeddings [B, E, 8, 8, 8] from `model.embed_image`; volume [B, 1, 128, 128, 128]: the crops they
+        embed (what the refinement head sees; unused without it). click_coords [B, N, 3] float (d0, d1, d2) crop
         voxels and click_labels [B, N] int (1 positive, 0 negative, -1 padding): the clicks of this interaction
-        so far, oldest first, the newest last. Gradients flow as the caller's mode allows (training: through the
-        prediction and the memory entries; inference: call under torch.inference_mode()).
+        so far, oldest first, the newest last. refine False: the logits are the decoder's upsampled, the
+        refinement head skipped (training runs it at one step of a sequence: see lib.training.interaction_loop).
+        Gradients flow as the caller's mode allows (training: through the prediction and the memory entries;
+        inference: call under torch.inference_mode()).
         """
         point_coords, point_labels = prompt_points(click_coords, click_labels, model.config.prompt_clicks)
         output = model.predict(image_embeddings, point_coords, point_labels, self.low_res_logits, self.memory)
         self.memory.push(output.memory_entry)
         self.low_res_logits = output.low_res_logits.detach()
-        return output
+        if refine:
+            logits = model.mask_logits(output.low_res_logits, volume, point_coords, point_labels)
+        else:
+            logits = model.upsample_logits(output.low_res_logits)
+        return StepOutput(output.low_res_logits, logits, output.attention)
 
 
 def prompt_points(click_coords: Tensor, click_labels: Tensor, prompt_clicks: str) -> tuple[Tensor, Tensor]:

@@ -6,11 +6,14 @@ Use (the infer task and the trainer call exactly this; build it with `lib.model.
     memory = model.new_memory(batch_size=B)      # empty MemoryBank, FIFO of cfg.memory_size interactions
     out = model.predict(emb, point_coords, point_labels, prev_low_res_logits, memory)
     memory.push(out.memory_entry)                # the CALLER pushes, once per interaction step
-    masks = model.upsample_logits(out.low_res_logits)   # [B, 1, 128, 128, 128] logits; mask = logits > 0
+    logits = model.mask_logits(out.low_res_logits, volume, point_coords, point_labels)  # [B, 1, 128^3], > 0: mask
 
 `predict` never changes the memory: the caller pushes the returned entry when the interaction is committed (one
 interaction step = one entry), in training and inference alike. So a prediction can be recomputed or discarded
 without touching the session. `lib.model.interaction` is the step every caller runs.
+
+Full-resolution refinement (MaisConfig.refinement): `mask_logits` upsamples the decoder's logits and, with the
+head on, adds lib.model.refinement's residual; with it off (and memory "none") the network is SAM-Med3D's.
 
 Memory modes (MaisConfig.memory_mode): "none" is exactly SAM-Med3D (the prompt encoder and mask decoder of
 medim on the image embedding, memory ignored), "sparse" / "dense" / "both" add the memory attention's dense term
@@ -32,6 +35,7 @@ from .config import MaisConfig
 from .image_encoder import ImageEncoder3D
 from .memory_attention import MemoryAttention, MemoryAttentionWeights
 from .memory_bank import MemoryBank, MemoryEntry
+from .refinement import MaskRefinement
 
 
 @dataclass
@@ -58,12 +62,16 @@ class Mais(nn.Module):
         mask_decoder: MaskDecoder3D,
         memory_attention: MemoryAttention,
         config: MaisConfig,
+        refinement: MaskRefinement | None = None,
     ) -> None:
         super().__init__()
+        if (refinement is not None) != config.refinement:
+            raise ValueError(f"config.refinement is {config.refinement}, the refinement head is {refinement}")
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.memory_attention = memory_attention
+        self.refinement = refinement
         self.config = config
 
     @property
@@ -147,3 +155,12 @@ class Mais(nn.Module):
     def upsample_logits(self, low_res_logits: Tensor) -> Tensor:
         """[B, 1, 32, 32, 32] -> [B, 1, 128, 128, 128] logits, trilinear as SAM-Med3D (threshold at 0)."""
         return F.interpolate(low_res_logits, size=(self.img_size,) * 3, mode="trilinear", align_corners=False)
+
+    def mask_logits(self, low_res_logits: Tensor, volume: Tensor, point_coords: Tensor, point_labels: Tensor) -> Tensor:
+        """The step's mask logits [B, 1, 128, 128, 128] (mask = logits > 0): the decoder's low_res_logits
+        [B, 1, 32, 32, 32] upsampled, plus the refinement head's residual when the model has one, which sees the
+        crop's volume [B, 1, 128, 128, 128] (the encoder's input) and the prompt's clicks [B, P, 3] / [B, P]."""
+        logits = self.upsample_logits(low_res_logits)
+        if self.refinement is None:
+            return logits
+        return logits + self.refinement(volume, logits, point_coords, point_labels)

@@ -41,10 +41,12 @@ BORDER_POINT_DEPTH = 4
 
 @dataclass
 class _Window:
-    """A crop window's own state: its image embedding [1, C, 8, 8, 8], its interaction (memory bank and last
-    low-res logits) and the model-space [lo, hi) box of its last positive logits."""
+    """A crop window's own state: its image [1, 1, 128, 128, 128] (the refinement head sees it) and embedding
+    [1, C, 8, 8, 8], its interaction (memory bank and last low-res logits) and the model-space [lo, hi) box of
+    its last positive logits."""
 
     crop: CropWindow
+    volume: Tensor
     image_embedding: Tensor
     interaction: InteractionState
     positive_box: tuple[np.ndarray, np.ndarray] | None = None
@@ -143,8 +145,8 @@ class InteractiveSession:
         """One interaction step in `window` with these clicks [1, N, 3] / [1, N] (window voxels, the newest
         last), then the mask update. Where `keep` overlaps, the logits so far stay (an extension adds to the
         clicked window's prediction, it does not overwrite it). Returns the window's logits [1, 128^3]."""
-        output = window.interaction.step(self.model, window.image_embedding, click_coords, click_labels)
-        window_logits = self.model.upsample_logits(output.low_res_logits)[0].float()  # [1, 128, 128, 128]
+        output = window.interaction.step(self.model, window.image_embedding, window.volume, click_coords, click_labels)
+        window_logits = output.logits[0].float()  # [1, 128, 128, 128]
         if keep is not None:
             kept = (slice(None), *window.crop.overlap(keep))
             window_logits[kept] = window.crop.extract(self.logits, fill=BACKGROUND_LOGIT)[kept].float()
@@ -226,7 +228,7 @@ class InteractiveSession:
     def _open_window(self, crop: CropWindow) -> _Window:
         """A new window: its image embedding, an empty memory, and as previous mask what other windows found."""
         volume = crop.extract(self.image.volume, fill=self.image.pad_value)[None].to(self.device)
-        window = _Window(crop, self.model.embed_image(volume), InteractionState.start(self.model, batch_size=1))
+        window = _Window(crop, volume, self.model.embed_image(volume), InteractionState.start(self.model, batch_size=1))
         if self.windows:  # continue from what earlier windows predicted here
             seed = crop.extract(self.logits.float(), fill=BACKGROUND_LOGIT)[None]  # [1, 1, 128, 128, 128]
             if (seed > 0).any():
@@ -240,6 +242,7 @@ class InteractiveSession:
         """Memory this session holds besides the shared model (image volume counted, as it is cached per image)."""
         total = self.image.nbytes + self.logits.numel() * self.logits.element_size() + self.mask.nbytes
         for window in self.windows:
+            total += window.volume.numel() * window.volume.element_size()
             total += window.image_embedding.numel() * window.image_embedding.element_size()
             total += window.interaction.memory.nbytes()
         return total

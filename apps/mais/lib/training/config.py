@@ -31,6 +31,11 @@ class FitConfig(BaseModel):
         None,
         description="start from these MAIS weights (e.g. stage 1's): their network, this run's memory mode and size",
     )
+    refinement: bool | None = Field(
+        None,
+        description="with (--refinement) or without (--no-refinement) the full-resolution refinement head; unset: "
+        "the --init file's, or the --encoder network's default; a head the init file lacks starts at zero",
+    )
     fresh_memory: bool = Field(
         False, description="with --init: memory attention starts afresh, not from the file (equal start to compare)"
     )

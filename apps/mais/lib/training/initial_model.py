@@ -25,6 +25,8 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
         network = NETWORKS[config.encoder](
             memory_mode=config.memory_mode, memory_size=config.memory_size, prompt_clicks=config.prompt_clicks
         )
+        if config.refinement is not None:
+            network = dataclasses.replace(network, refinement=config.refinement)
         model = build_mais(network)
     else:
         model = _model_from_init(config)
@@ -34,27 +36,31 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
 
 
 def _model_from_init(config: FitConfig) -> Mais:
-    """The `init` file's network with this run's memory mode and size, loaded with every weight whose shape still
-    fits. Only memory-attention weights may start fresh (its age embeddings are sized by memory_size, so a
-    stage-1 file trained with N = 60 also starts an N = 10 run); any other mismatch is an error."""
+    """The `init` file's network with this run's memory mode and size (and refinement head, when set), loaded with
+    every weight whose shape still fits. Only memory-attention weights (its age embeddings are sized by
+    memory_size, so a stage-1 file trained with N = 60 also starts an N = 10 run) and a refinement head the file
+    lacks may start fresh; any other mismatch is an error. A file's head that this run drops is left out."""
     source = load_mais(config.init, device="cpu")
+    refinement = source.config.refinement if config.refinement is None else config.refinement
     model = build_mais(
         dataclasses.replace(
             source.config,
             memory_mode=config.memory_mode,
             memory_size=config.memory_size,
             prompt_clicks=config.prompt_clicks,
+            refinement=refinement,
         )
     )
-    source_state = source.state_dict()
+    expected = model.state_dict()
+    source_state = {k: v for k, v in source.state_dict().items() if k in expected}
     fresh = [
         k
-        for k, v in model.state_dict().items()
+        for k, v in expected.items()
         if k not in source_state
         or source_state[k].shape != v.shape
         or (config.fresh_memory and k.startswith("memory_attention."))
     ]
-    foreign = [k for k in fresh if not k.startswith("memory_attention.")]
+    foreign = [k for k in fresh if not k.startswith(("memory_attention.", "refinement."))]
     if foreign:
         raise ValueError(f"--init {config.init}: weight {foreign[0]!r} does not fit this network")
     model.load_state_dict({k: v for k, v in source_state.items() if k not in fresh}, strict=False)

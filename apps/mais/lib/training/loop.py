@@ -82,7 +82,7 @@ class InteractionStep(nn.Module):
             embeddings = self.cache.embed(self.model, keys, images)
         else:
             embeddings = self.model.embed_image(images)
-        result = run_interaction(self.model, embeddings, masks, rng, self.interaction)
+        result = run_interaction(self.model, embeddings, images, masks, rng, self.interaction)
         return result.loss, result.dice_per_click
 
 
@@ -105,8 +105,8 @@ def fit(
     is_main = rank == 0
     device = resolve_device(config.device)
     torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
-    if config.deterministic and device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
+    if device.type == "cuda":  # cuDNN's autotuner picks the fastest kernels, not always the same ones
+        torch.backends.cudnn.benchmark = not config.deterministic
     model = build_model(config, device)
     optimiser, schedule = make_optimiser(model, config)
     targets = [Target(crop.name, crop.volume, crop.mask) for crop in crops]

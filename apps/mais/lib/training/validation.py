@@ -66,7 +66,7 @@ def validate(
             for index, crop in enumerate(crops):
                 volume = crop.volume[None].to(device)
                 embeddings = embed(f"validation:{index}", volume) if embed else model.embed_image(volume)
-                result = run_interaction(model, embeddings.float(), crop.mask[None].to(device), rng, config)
+                result = run_interaction(model, embeddings.float(), volume, crop.mask[None].to(device), rng, config)
                 curves.setdefault(crop.name, []).append(result.dice_per_click.cpu())
     finally:
         for module, training in modes.items():
