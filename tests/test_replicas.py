@@ -142,6 +142,10 @@ def test_any_replica_answers_any_click_and_a_killed_one_costs_no_click(replicas,
     masks, served_by = {}, {}
     for user, count in BEFORE_KILL:
         masks[user, count], served_by[user, count] = click_through(haproxy.url, user, count)
+    routes = [served_by[key] for key in BEFORE_KILL]
+    assert all(a != b for a, b in zip(routes, routes[1:])), (
+        f"round robin did not alternate (CLICKS relies on it): {routes}"
+    )
     for user in CLICKS:
         replicas_seen = {served_by[key] for key in served_by if key[0] == user}
         assert replicas_seen == set(replicas), f"{user}'s clicks did not land on both replicas: {served_by}"
