@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
@@ -29,6 +30,12 @@ from lib.trainers.mais import MaisTrainer
 from lib.volume_formats import VOLUME_EXTENSIONS
 
 logger = logging.getLogger(__name__)
+
+# MONAI warns twice each time a LoadImage is built (MONAI Label builds several per start and per training run) that
+# nvImageCodec, a GPU DICOM decoder, is missing and pydicom decodes instead: what every machine without it does.
+# The training subprocess loads this file too, so its log in /train/ loses the noise as well.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
 
 class MaisApp(MONAILabelApp):
