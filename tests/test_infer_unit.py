@@ -83,8 +83,7 @@ def test_unusable_published_weights_answer_503_naming_the_file(infer, settings, 
 
 
 def test_ohif_on_a_put_session_volume_continues_the_label_that_got_the_click(infer, image_file):
-    """Sessions of a PUT /session/ volume belong to the MONAI Label session: OHIF's label-less request must be
-    matched against them, not against an anonymous client's (which made every label look changed)."""
+    """OHIF's label-less request is for the label whose list no stored session has applied."""
     session = {"name": "volume-session-1"}
     first, second, other = INSIDE, [11, 13, 9], [20, 20, 20]
     infer({**slicer(image_file, "lesion", [first]), "session": session})
@@ -92,6 +91,32 @@ def test_ohif_on_a_put_session_volume_continues_the_label_that_got_the_click(inf
     ohif = {"image": str(image_file), "lesion": [first, second], "white_matter": [other], "background": []}
     _, result = infer({**ohif, "session": session})
     assert result["label"] == "lesion" and result["steps_run"] == 1 and result["clicks"] == 2
+
+
+def ohif(image_file, points: list) -> dict:
+    """OHIF's request: label-keyed lists, no `label`, no client_id."""
+    return {"image": str(image_file), "lesion": points, "background": [], "result_extension": ".nii.gz"}
+
+
+def test_two_ohif_users_without_client_ids_on_one_image_get_their_own_masks(infer, settings, image_file):
+    """Both are `anonymous`: each request continues the session its history extends, so neither user's
+    clicks reach the other's memory and neither thrashes the other's session with replays."""
+    a = [INSIDE, [11, 13, 9], [18, 20, 16]]
+    b = [[12, 19, 10], [16, 14, 12], [13, 20, 15]]
+    masks, steps = {"a": [], "b": []}, []
+    for k in range(1, 4):
+        for user, points in (("a", a), ("b", b)):
+            label_path, result = infer(ohif(image_file, points[:k]))
+            masks[user].append(np.asarray(nib.load(label_path).dataobj))
+            steps.append(result["steps_run"])
+    assert steps == [1] * 6, "a user's click replayed a session"
+    for user, points in (("a", a), ("b", b)):
+        lone = MaisInfer(settings, dict(SAMPLE_LABELS), ModelLoader(settings))
+        for k in range(1, 4):
+            np.testing.assert_array_equal(
+                masks[user][k - 1], np.asarray(nib.load(lone(ohif(image_file, points[:k]))[0]).dataobj)
+            )
+    assert not np.array_equal(masks["a"][-1], masks["b"][-1])
 
 
 class PublishingDatastore(LocalDatastore):
