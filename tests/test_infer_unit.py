@@ -4,6 +4,7 @@ them, without a server."""
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -15,10 +16,12 @@ from lib.activelearning.disagreement import ProbeConfig
 from lib.activelearning.tasks import WEIGHTS_KEY, DisagreementScoring
 from lib.configs.app_settings import AppSettings
 from lib.configs.labels import SAMPLE_LABELS
+from lib.imaging import ModelSpaceImage
 from lib.infers.mais import MaisInfer
 from lib.model.config import MEMORY_MODES
 from lib.model.weights import save_mais
 from lib.model_loader import ModelLoader
+from lib.session.interactive import InteractiveSession
 from lib.trainers.mais import MaisTrainer
 from tiny import INSIDE, box_truth, tiny_model, write_box_image
 
@@ -188,3 +191,31 @@ def test_a_click_on_an_existing_session_does_not_prepare_its_image_again(infer, 
 
     infer._prepared_image = prepare_again
     assert infer(slicer(image_file, "lesion", [INSIDE, [11, 13, 9]]))[1]["steps_run"] == 1
+
+
+def test_fifty_sessions_stay_within_max_session_mb_and_an_evicted_one_recovers(tmp_path, image_file):
+    """50 annotators with histories of their own, four requests at a time: the store keeps what fits in
+    max_session_mb (every byte a session holds, its window included) and evicts the least recently used; an
+    evicted annotator's next click replays its history and gets the mask a lone annotator gets, no error."""
+    save_mais(tiny_model(), tmp_path / "tiny.pt")
+    settings = AppSettings(weights=tmp_path / "tiny.pt", train_dir=tmp_path / "train", max_session_mb=128)
+    infer = MaisInfer(settings, dict(SAMPLE_LABELS), ModelLoader(settings))
+    firsts = [[i, j, k] for i in (5, 9, 13, 17, 21) for j in (5, 9, 13, 17, 21) for k in (10, 20)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(r["steps_run"] == 1 for _, r in pool.map(lambda p: infer(slicer(image_file, "lesion", [p])), firsts))
+    bound = settings.max_session_mb * 2**20
+    assert 0 < infer.sessions.nbytes <= bound and 1 < len(infer.sessions) < len(firsts)
+
+    model = infer.model_loader.get().model
+    image = ModelSpaceImage.from_file(str(image_file))
+    steps = []
+    for first in firsts[-2:] + firsts[:2]:  # the newest are stored (about 11 fit), the oldest were evicted
+        history = [first, INSIDE]
+        label_path, result = infer(slicer(image_file, "lesion", history))
+        steps.append(result["steps_run"])
+        lone = InteractiveSession(image, model)
+        lone.apply([tuple(first)], [])
+        lone.apply([tuple(p) for p in history], [])
+        np.testing.assert_array_equal(np.asarray(nib.load(label_path).dataobj) > 0, lone.mask)
+    assert steps == [1, 1, 2, 2], "stored sessions run the new click, evicted ones replay both"
+    assert infer.sessions.nbytes <= bound

@@ -151,6 +151,22 @@ def test_a_session_applies_a_history_and_says_what_changed(model, image):
     assert session.apply([], []).steps_run == 0 and not session.mask.any() and not session.clicks
 
 
+def test_a_sessions_bytes_count_everything_it_holds_its_windows_included(model, image):
+    """What max_session_mb bounds: the image in model space, logits and mask, and per window its volume,
+    embedding, memory and last low-res logits."""
+    session = InteractiveSession(image, model)
+    empty = session.nbytes_by_part()
+    assert empty["image"] == image.nbytes > 0 and empty["window volumes"] == 0
+    session.apply([INSIDE], [])
+    parts = session.nbytes_by_part()
+    (window,) = session.windows
+    assert parts["window volumes"] == 128**3 * 4
+    assert parts["window embeddings"] == window.image_embedding.numel() * 4
+    assert parts["window memories"] == window.interaction.memory.nbytes() > 0
+    assert parts["window low-res logits"] == 32**3 * window.interaction.low_res_logits.element_size()
+    assert session.nbytes == sum(parts.values())
+
+
 # ------------------------------------------------------------------------------------------- click history
 
 

@@ -237,9 +237,22 @@ class InteractiveSession:
     @property
     def nbytes(self) -> int:
         """Memory this session holds besides the shared model (image volume counted, as it is cached per image)."""
-        total = self.image.nbytes + self.logits.numel() * self.logits.element_size() + self.mask.nbytes
-        for window in self.windows:
-            total += window.volume.numel() * window.volume.element_size()
-            total += window.image_embedding.numel() * window.image_embedding.element_size()
-            total += window.interaction.memory.nbytes()
-        return total
+        return sum(self.nbytes_by_part().values())
+
+    def nbytes_by_part(self) -> dict[str, int]:
+        """`nbytes` by what holds it: the image in model space, the logits, the mask, and the windows' volumes,
+        embeddings, memories and last low-res logits (summed over the windows)."""
+        windows = self.windows
+        return {
+            "image": self.image.nbytes,
+            "logits": _tensor_bytes(self.logits),
+            "mask": self.mask.nbytes,
+            "window volumes": sum(_tensor_bytes(w.volume) for w in windows),
+            "window embeddings": sum(_tensor_bytes(w.image_embedding) for w in windows),
+            "window memories": sum(w.interaction.memory.nbytes() for w in windows),
+            "window low-res logits": sum(_tensor_bytes(w.interaction.low_res_logits) for w in windows),
+        }
+
+
+def _tensor_bytes(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()

@@ -153,7 +153,9 @@ class SessionStore:
                 continue
             applied = list(entry.session.clicks)  # a copy: another request may be extending it
             prefix, rest = common_prefix(applied, positives, negatives)
-            rank = (len(prefix) == len(applied), entry.owner == owner, len(prefix), recency)
+            # a session without clicks, e.g. one being created, is not worth waiting for: it saves no step
+            extends = len(prefix) == len(applied) and bool(applied or not (positives or negatives))
+            rank = (extends, entry.owner == owner, len(prefix), recency)
             if best_rank is None or rank > best_rank:
                 best, best_rank, best_history = entry_id, rank, prefix + rest
         return best, best_rank is not None and best_rank[0], best_history
