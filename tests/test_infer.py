@@ -133,7 +133,8 @@ def test_two_clients_keep_separate_memories(server, brain1_lesion):
     slicer_click(server.url, "alice", "brain1", "lesion", [a1])
     slicer_click(server.url, "bob", "brain1", "lesion", [b1])
     alice_mask, _, alice = slicer_click(server.url, "alice", "brain1", "lesion", [a1, a2])
-    fresh_mask, _, _ = slicer_click(server.url, "carol", "brain1", "lesion", [a1, a2])
+    # a newcomer with Alice's history would continue her session: reset_state makes it replay the history
+    fresh_mask, _, _ = slicer_click(server.url, "carol", "brain1", "lesion", [a1, a2], reset_state=True)
     assert alice["clicks"] == 2 and alice["steps_run"] == 1
     # Alice's memory holds exactly her two clicks: the same as a newcomer replaying them, nothing of Bob's.
     np.testing.assert_array_equal(alice_mask, fresh_mask)
@@ -146,7 +147,7 @@ def test_removing_the_last_click_restores_the_previous_mask(server, brain1_lesio
     after, _, _ = slicer_click(server.url, "undo", "brain1", "lesion", [first, second])
     assert not np.array_equal(after, before), "the second click must change the mask for the undo to show"
     undone, _, result = slicer_click(server.url, "undo", "brain1", "lesion", [first])
-    fresh, _, _ = slicer_click(server.url, "undo-fresh", "brain1", "lesion", [first])
+    fresh, _, _ = slicer_click(server.url, "undo-fresh", "brain1", "lesion", [first], reset_state=True)
     assert result["clicks"] == 1
     # undo gives exactly the mask of the shorter history, as a newcomer sending it would get
     np.testing.assert_array_equal(undone, fresh)
@@ -234,12 +235,14 @@ def test_non_3d_images_get_422(server, client, tmp_path, shape):
 def test_session_bounds_from_conf_evict_without_failing(studies, tmp_path, brain1_lesion):
     """--conf max_sessions bounds the store; an evicted user is rebuilt by replay. (Expiry after session_ttl_s is
     tested with the store's own clock in test_session_unit.py, without waiting.)"""
-    second = [brain1_lesion[0] + 3, brain1_lesion[1], brain1_lesion[2]]
+    i, j, k = brain1_lesion
+    firsts = {"u1": [i, j, k], "u2": [i - 1, j, k], "u3": [i, j - 1, k]}  # histories of their own: three sessions
+    second = [i + 3, j, k]
     with MonaiLabelServer(studies, tmp_path / "bounded.log", conf={"max_sessions": "2"}) as bounded:
-        for user in ("u1", "u2", "u3"):  # u1 is the least recently used when u3 arrives
-            slicer_click(bounded.url, user, "brain1", "lesion", [brain1_lesion])
-        _, _, evicted = slicer_click(bounded.url, "u1", "brain1", "lesion", [brain1_lesion, second])
-        _, _, kept = slicer_click(bounded.url, "u3", "brain1", "lesion", [brain1_lesion, second])
+        for user, first in firsts.items():  # u1 is the least recently used when u3 arrives
+            slicer_click(bounded.url, user, "brain1", "lesion", [first])
+        _, _, evicted = slicer_click(bounded.url, "u1", "brain1", "lesion", [firsts["u1"], second])
+        _, _, kept = slicer_click(bounded.url, "u3", "brain1", "lesion", [firsts["u3"], second])
     assert evicted["steps_run"] == 2, "u1's session should have been evicted and replayed"
     assert kept["steps_run"] == 1, "u3's session should have been kept"
 

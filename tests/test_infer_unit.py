@@ -4,6 +4,7 @@ them, without a server."""
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import numpy as np
@@ -15,10 +16,12 @@ from lib.activelearning.disagreement import ProbeConfig
 from lib.activelearning.tasks import WEIGHTS_KEY, DisagreementScoring
 from lib.configs.app_settings import AppSettings
 from lib.configs.labels import SAMPLE_LABELS
+from lib.imaging import ModelSpaceImage
 from lib.infers.mais import MaisInfer
 from lib.model.config import MEMORY_MODES
 from lib.model.weights import save_mais
 from lib.model_loader import ModelLoader
+from lib.session.interactive import InteractiveSession
 from lib.trainers.mais import MaisTrainer
 from tiny import INSIDE, box_truth, tiny_model, write_box_image
 
@@ -83,8 +86,7 @@ def test_unusable_published_weights_answer_503_naming_the_file(infer, settings, 
 
 
 def test_ohif_on_a_put_session_volume_continues_the_label_that_got_the_click(infer, image_file):
-    """Sessions of a PUT /session/ volume belong to the MONAI Label session: OHIF's label-less request must be
-    matched against them, not against an anonymous client's (which made every label look changed)."""
+    """OHIF's label-less request is for the label whose list no stored session has applied."""
     session = {"name": "volume-session-1"}
     first, second, other = INSIDE, [11, 13, 9], [20, 20, 20]
     infer({**slicer(image_file, "lesion", [first]), "session": session})
@@ -92,6 +94,32 @@ def test_ohif_on_a_put_session_volume_continues_the_label_that_got_the_click(inf
     ohif = {"image": str(image_file), "lesion": [first, second], "white_matter": [other], "background": []}
     _, result = infer({**ohif, "session": session})
     assert result["label"] == "lesion" and result["steps_run"] == 1 and result["clicks"] == 2
+
+
+def ohif(image_file, points: list) -> dict:
+    """OHIF's request: label-keyed lists, no `label`, no client_id."""
+    return {"image": str(image_file), "lesion": points, "background": [], "result_extension": ".nii.gz"}
+
+
+def test_two_ohif_users_without_client_ids_on_one_image_get_their_own_masks(infer, settings, image_file):
+    """Both are `anonymous`: each request continues the session its history extends, so neither user's
+    clicks reach the other's memory and neither thrashes the other's session with replays."""
+    a = [INSIDE, [11, 13, 9], [18, 20, 16]]
+    b = [[12, 19, 10], [16, 14, 12], [13, 20, 15]]
+    masks, steps = {"a": [], "b": []}, []
+    for k in range(1, 4):
+        for user, points in (("a", a), ("b", b)):
+            label_path, result = infer(ohif(image_file, points[:k]))
+            masks[user].append(np.asarray(nib.load(label_path).dataobj))
+            steps.append(result["steps_run"])
+    assert steps == [1] * 6, "a user's click replayed a session"
+    for user, points in (("a", a), ("b", b)):
+        lone = MaisInfer(settings, dict(SAMPLE_LABELS), ModelLoader(settings))
+        for k in range(1, 4):
+            np.testing.assert_array_equal(
+                masks[user][k - 1], np.asarray(nib.load(lone(ohif(image_file, points[:k]))[0]).dataobj)
+            )
+    assert not np.array_equal(masks["a"][-1], masks["b"][-1])
 
 
 class PublishingDatastore(LocalDatastore):
@@ -163,3 +191,31 @@ def test_a_click_on_an_existing_session_does_not_prepare_its_image_again(infer, 
 
     infer._prepared_image = prepare_again
     assert infer(slicer(image_file, "lesion", [INSIDE, [11, 13, 9]]))[1]["steps_run"] == 1
+
+
+def test_fifty_sessions_stay_within_max_session_mb_and_an_evicted_one_recovers(tmp_path, image_file):
+    """50 annotators with histories of their own, four requests at a time: the store keeps what fits in
+    max_session_mb (every byte a session holds, its window included) and evicts the least recently used; an
+    evicted annotator's next click replays its history and gets the mask a lone annotator gets, no error."""
+    save_mais(tiny_model(), tmp_path / "tiny.pt")
+    settings = AppSettings(weights=tmp_path / "tiny.pt", train_dir=tmp_path / "train", max_session_mb=128)
+    infer = MaisInfer(settings, dict(SAMPLE_LABELS), ModelLoader(settings))
+    firsts = [[i, j, k] for i in (5, 9, 13, 17, 21) for j in (5, 9, 13, 17, 21) for k in (10, 20)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(r["steps_run"] == 1 for _, r in pool.map(lambda p: infer(slicer(image_file, "lesion", [p])), firsts))
+    bound = settings.max_session_mb * 2**20
+    assert 0 < infer.sessions.nbytes <= bound and 1 < len(infer.sessions) < len(firsts)
+
+    model = infer.model_loader.get().model
+    image = ModelSpaceImage.from_file(str(image_file))
+    steps = []
+    for first in firsts[-2:] + firsts[:2]:  # the newest are stored (about 11 fit), the oldest were evicted
+        history = [first, INSIDE]
+        label_path, result = infer(slicer(image_file, "lesion", history))
+        steps.append(result["steps_run"])
+        lone = InteractiveSession(image, model)
+        lone.apply([tuple(first)], [])
+        lone.apply([tuple(p) for p in history], [])
+        np.testing.assert_array_equal(np.asarray(nib.load(label_path).dataobj) > 0, lone.mask)
+    assert steps == [1, 1, 2, 2], "stored sessions run the new click, evicted ones replay both"
+    assert infer.sessions.nbytes <= bound

@@ -13,7 +13,7 @@ from lib.infers.request import RequestError, parse_click_request
 LABELS = list(SAMPLE_LABELS)
 
 
-def no_ohif(owner, clicked):
+def no_ohif(clicked):
     raise AssertionError("only OHIF's label-less requests need the target resolved")
 
 
@@ -27,23 +27,21 @@ def test_slicer_deepedit_request_takes_the_current_segment_and_background_clicks
     assert (clicks.result_extension, clicks.result_dtype, clicks.reset_state) == (".nrrd", "uint8", False)
 
 
-def test_ohif_request_asks_for_the_target_of_its_owner():
+def test_ohif_request_asks_for_its_target_and_names_its_owner():
     """OHIF sends no label and no client_id; on a volume uploaded with PUT /session/ MONAI Label adds the
-    session, whose name owns the interaction sessions (the same key the infer task stores them under)."""
+    session, whose name is the request's owner (a preference among the sessions its history may continue)."""
     asked = []
 
-    def target(owner, clicked):
-        asked.append((owner, clicked))
+    def target(clicked):
+        asked.append(clicked)
         return list(clicked)[-1]
 
     request = {"lesion": [[1, 2, 3]], "white_matter": [[4, 5, 6]], "background": [], "session": {"name": "s-42"}}
     clicks = parse_click_request(request, LABELS, target)
-    assert asked == [("s-42", {"lesion": [[1, 2, 3]], "white_matter": [[4, 5, 6]]})]
+    assert asked == [{"lesion": [[1, 2, 3]], "white_matter": [[4, 5, 6]]}]
     assert clicks.label == "white_matter" and clicks.positives == ((4, 5, 6),)
     assert clicks.owner == "s-42" and clicks.client_id == "anonymous"
-
-    parse_click_request({"lesion": [[1, 2, 3]], "background": []}, LABELS, target)
-    assert asked[-1][0] == "anonymous"
+    assert parse_click_request({"lesion": [[1, 2, 3]], "background": []}, LABELS, target).owner == "anonymous"
 
 
 def test_deepgrow_request_defaults_to_the_first_foreground_label():
@@ -67,7 +65,7 @@ def test_deepgrow_request_defaults_to_the_first_foreground_label():
 )
 def test_a_bad_request_names_its_field(request_, field):
     with pytest.raises(RequestError) as error:
-        parse_click_request(request_, LABELS, lambda owner, clicked: next(iter(clicked)))
+        parse_click_request(request_, LABELS, lambda clicked: next(iter(clicked)))
     assert error.value.field == field
 
 

@@ -3,18 +3,21 @@ click-history reconciliation and the session store (with its own clock instead o
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from lib.activelearning.disagreement import click_disagreement
-from lib.clicks.history import reconcile
+from lib.clicks.history import common_prefix, reconcile
 from lib.clicks.simulator import NEGATIVE, POSITIVE, Click, first_click, next_click
 from lib.evaluation.interactive import evaluate_structure
 from lib.imaging import ModelSpaceImage
 from lib.model.interaction import InteractionState, prompt_points
 from lib.session.interactive import InteractiveSession
-from lib.session.store import SessionKey, SessionStore
+from lib.session.store import SessionScope, SessionStore
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
 from lib.training.validation import validate
@@ -148,6 +151,22 @@ def test_a_session_applies_a_history_and_says_what_changed(model, image):
     assert session.apply([], []).steps_run == 0 and not session.mask.any() and not session.clicks
 
 
+def test_a_sessions_bytes_count_everything_it_holds_its_windows_included(model, image):
+    """What max_session_mb bounds: the image in model space, logits and mask, and per window its volume,
+    embedding, memory and last low-res logits."""
+    session = InteractiveSession(image, model)
+    empty = session.nbytes_by_part()
+    assert empty["image"] == image.nbytes > 0 and empty["window volumes"] == 0
+    session.apply([INSIDE], [])
+    parts = session.nbytes_by_part()
+    (window,) = session.windows
+    assert parts["window volumes"] == 128**3 * 4
+    assert parts["window embeddings"] == window.image_embedding.numel() * 4
+    assert parts["window memories"] == window.interaction.memory.nbytes() > 0
+    assert parts["window low-res logits"] == 32**3 * window.interaction.low_res_logits.element_size()
+    assert session.nbytes == sum(parts.values())
+
+
 # ------------------------------------------------------------------------------------------- click history
 
 
@@ -171,6 +190,18 @@ def test_reconcile_counts_a_click_placed_twice_twice():
     assert reconcile(applied * 2, [(1, 1, 1)], []).replay == applied
 
 
+def test_common_prefix_keeps_the_applied_order_until_a_click_is_missing():
+    applied = [Click((1, 1, 1), POSITIVE), Click((2, 2, 2), NEGATIVE), Click((5, 5, 5), POSITIVE)]
+    # the request's lists carry no order between them: the applied clicks give it, as far as the request has them
+    assert common_prefix(applied, [(1, 1, 1), (5, 5, 5), (6, 6, 6)], [(2, 2, 2)]) == (
+        applied,
+        [Click((6, 6, 6), POSITIVE)],
+    )
+    prefix, rest = common_prefix(applied, [(1, 1, 1), (5, 5, 5)], [(7, 7, 7)])
+    assert prefix == applied[:1] and rest == [Click((5, 5, 5), POSITIVE), Click((7, 7, 7), NEGATIVE)]
+    assert common_prefix([], [(1, 1, 1)], [(2, 2, 2)])[0] == []
+
+
 def test_reconcile_of_an_identical_history_does_nothing():
     applied = [Click((1, 1, 1), POSITIVE), Click((2, 2, 2), NEGATIVE)]
     update = reconcile(applied, [(1, 1, 1)], [(2, 2, 2)])
@@ -178,6 +209,10 @@ def test_reconcile_of_an_identical_history_does_nothing():
 
 
 # -------------------------------------------------------------------------------------------- session store
+
+SCOPE = SessionScope("/images/box.nii.gz", "lesion", "weights@1")
+P1, P2, P3, P4 = INSIDE, (11, 13, 9), (18, 20, 16), (12, 19, 10)
+N1, N2 = (25, 25, 25), (3, 4, 5)
 
 
 class Clock:
@@ -188,29 +223,145 @@ class Clock:
         return self.now
 
 
-def key(owner: str) -> SessionKey:
-    return SessionKey(owner, "/images/box.nii.gz", "lesion")
+def click(store, model, image, owner, positives, negatives=(), reset=False, scope=SCOPE):
+    """One request through the store as the infer task makes it: (session, steps run, mask)."""
+    request = store.continued(scope, positives, negatives, owner, lambda: InteractiveSession(image, model), reset)
+    with request as (session, history):
+        update = session.advance(history)
+        return session, update.steps_run, session.mask.copy()
+
+
+def lone_masks(model, image, requests):
+    """The masks a lone user gets for these requests ((positives, negatives) each), in one session of its own."""
+    session = InteractiveSession(image, model)
+    masks = []
+    for positives, negatives in requests:
+        session.apply(positives, negatives)
+        masks.append(session.mask.copy())
+    return masks
+
+
+def big_store(clock=time.monotonic):
+    return SessionStore(ttl_s=100, max_sessions=16, max_bytes=2**40, clock=clock)
+
+
+def test_a_request_continues_whoevers_session_its_history_extends(model, image):
+    """No client id keys a session: the OHIF user who sends the history another client built continues it,
+    running only the new click, and gets the mask a lone user gets."""
+    store = big_store()
+    first, _, _ = click(store, model, image, "slicer-a", [P1])
+    continued, steps, mask = click(store, model, image, "anonymous", [P1, P2])
+    assert continued is first and steps == 1 and len(store) == 1
+    np.testing.assert_array_equal(mask, lone_masks(model, image, [([P1], []), ([P1, P2], [])])[1])
+
+
+def test_a_session_is_only_continued_by_a_request_that_carries_its_whole_history(model, image):
+    store = big_store()
+    theirs, _, _ = click(store, model, image, "alice", [P1, P2])
+    for guess in ([P2], [P1, P3], [P2, P3]):  # a click of it, or a shorter history: someone else's session
+        mine, _, mask = click(store, model, image, "alice", guess)
+        assert mine is not theirs
+        np.testing.assert_array_equal(mask, lone_masks(model, image, [(guess, [])])[0])
+    assert theirs.clicks == [Click(P1, POSITIVE), Click(P2, POSITIVE)], "nobody else changed it"
+    for scope in (SCOPE._replace(label="white_matter"), SCOPE._replace(weights="weights@2")):
+        assert click(store, model, image, "alice", [P1, P2, P3], scope=scope)[0] is not theirs
+
+
+def test_the_longest_session_the_history_extends_wins(model, image):
+    store = big_store()
+    click(store, model, image, "u1", [P1])
+    two, _, _ = click(store, model, image, "u2", [P1, P2])
+    click(store, model, image, "u3", [P1, P3])
+    session, steps, _ = click(store, model, image, "u4", [P1, P2, P4])
+    assert session is two and steps == 1
+
+
+def test_users_with_one_history_share_a_session_until_they_diverge(model, image):
+    """Two users with identical histories so far continue one session; when they diverge the first extends
+    it, the second replays its own: both get the masks a lone user gets, bit for bit."""
+    store = big_store()
+    shared, _, _ = click(store, model, image, "x", [P1])
+    assert click(store, model, image, "y", [P1])[:2] == (shared, 0)
+    x_session, x_steps, x_mask = click(store, model, image, "x", [P1, P2], [N1])
+    y_session, y_steps, y_mask = click(store, model, image, "y", [P1, P3], [N1])
+    assert x_session is shared and x_steps == 2
+    assert y_session is not shared and y_steps == 3
+    np.testing.assert_array_equal(x_mask, lone_masks(model, image, [([P1], []), ([P1, P2], [N1])])[1])
+    np.testing.assert_array_equal(y_mask, lone_masks(model, image, [([P1], []), ([P1, P3], [N1])])[1])
+    assert click(store, model, image, "x", [P1, P2, P4], [N1])[:2] == (shared, 1)
+    assert click(store, model, image, "y", [P1, P3, P4], [N1])[:2] == (y_session, 1)
+
+
+def test_an_undo_restores_the_earlier_mask_and_leaves_the_session_to_others(model, image):
+    """The history minus its last click is a prefix of no session: it is replayed in the order the session
+    applied it (a negative before a later positive), in a session of its own; the longer one stays."""
+    store = big_store()
+    requests = [([P1], []), ([P1], [N1]), ([P1, P2], [N1]), ([P1, P2], [N1, N2])]
+    masks = [click(store, model, image, "u", *request)[2] for request in requests]
+    np.testing.assert_array_equal(masks[-1], lone_masks(model, image, requests)[-1])
+    longer, _, _ = click(store, model, image, "v", *requests[-1])
+    undone, steps, mask = click(store, model, image, "u", *requests[2])
+    assert undone is not longer and steps == 3
+    assert undone.clicks == [Click(P1, POSITIVE), Click(N1, NEGATIVE), Click(P2, POSITIVE)]
+    np.testing.assert_array_equal(mask, masks[2])
+    assert click(store, model, image, "v", [P1, P2, P3], [N1, N2])[:2] == (longer, 1)
+
+
+def test_reset_state_starts_a_new_session_from_the_whole_history(model, image):
+    store = big_store()
+    kept, _, _ = click(store, model, image, "u", [P1, P2])
+    reset, steps, mask = click(store, model, image, "u", [P1, P2], reset=True)
+    assert reset is not kept and steps == 2
+    np.testing.assert_array_equal(mask, lone_masks(model, image, [([P1, P2], [])])[0])
+    assert click(store, model, image, "u", [])[2].sum() == 0
+
+
+def test_a_request_waits_for_a_busy_session_and_replays_its_own_if_it_was_extended_past_it(model, image):
+    """One request at a time uses a session: a second one waits; if the first took the session to a history
+    the second does not carry, the second replays its own instead of continuing someone else's clicks."""
+    store = big_store()
+    shared, _, _ = click(store, model, image, "x", [P1])
+    results = {}
+
+    def y(positives):
+        results[tuple(positives)] = click(store, model, image, "y", positives)
+
+    x_request = store.continued(SCOPE, [P1, P2], [], "x", lambda: pytest.fail("x's session is stored"))
+    with x_request as (session, history):
+        assert session is shared
+        waiting = [threading.Thread(target=y, args=(positives,)) for positives in ([P1, P3], [P1, P2])]
+        for thread in waiting:
+            thread.start()
+        time.sleep(0.3)
+        assert all(thread.is_alive() for thread in waiting), "a request used a session another one holds"
+        session.advance(history)
+    for thread in waiting:
+        thread.join(timeout=60)
+    diverged, steps, mask = results[(P1, P3)]
+    assert diverged is not shared and steps == 2
+    np.testing.assert_array_equal(mask, lone_masks(model, image, [([P1, P3], [])])[0])
+    assert results[(P1, P2)][:2] == (shared, 0)
 
 
 def test_an_idle_session_expires_after_its_ttl(model, image):
     clock = Clock()
     store = SessionStore(ttl_s=10, max_sessions=4, max_bytes=2**40, clock=clock)
-    first = store.claim(key("u"), lambda: InteractiveSession(image, model))
+    first, _, _ = click(store, model, image, "u", [P1])
     clock.now = 9.0
-    assert store.claim(key("u"), lambda: pytest.fail("a live session was recreated")) is first
+    assert click(store, model, image, "u", [P1])[0] is first
     clock.now = 19.5  # 10.5 s after its last use
-    assert store.get(key("u")) is None
-    assert store.claim(key("u"), lambda: InteractiveSession(image, model)) is not first
+    assert click(store, model, image, "u", [P1])[:2] != (first, 0)
 
 
 def test_the_least_recently_used_session_is_evicted_beyond_max_sessions(model, image):
-    clock = Clock()
-    store = SessionStore(ttl_s=100, max_sessions=2, max_bytes=2**40, clock=clock)
-    for owner in ("u1", "u2"):
-        store.claim(key(owner), lambda: InteractiveSession(image, model))
-    store.claim(key("u1"), lambda: pytest.fail("u1 is stored"))  # u1 used again: u2 is now the oldest
-    store.claim(key("u3"), lambda: InteractiveSession(image, model))
-    assert store.get(key("u2")) is None and store.get(key("u1")) and store.get(key("u3"))
+    store = SessionStore(ttl_s=100, max_sessions=2, max_bytes=2**40)
+    one, _, _ = click(store, model, image, "u1", [P1])
+    two, _, _ = click(store, model, image, "u2", [P2])
+    click(store, model, image, "u1", [P1])  # used again: [P2]'s session is now the oldest
+    click(store, model, image, "u3", [P3])
+    assert len(store) == 2
+    assert click(store, model, image, "u1", [P1])[0] is one
+    assert click(store, model, image, "u2", [P2])[:2] != (two, 0), "[P2]'s session was evicted"
 
 
 def test_a_session_that_grows_counts_against_the_byte_bound(model, image):
@@ -218,21 +369,17 @@ def test_a_session_that_grows_counts_against_the_byte_bound(model, image):
     the request, not only when a session is created."""
     fresh = InteractiveSession(image, model).nbytes
     store = SessionStore(ttl_s=100, max_sessions=8, max_bytes=2 * fresh + fresh // 10)
-    store.claim(key("idle"), lambda: InteractiveSession(image, model))
-    entry = store.claim(key("busy"), lambda: InteractiveSession(image, model))
-    assert len(store) == 2
-    with entry.lock:
-        entry.session.apply([INSIDE], [])
-    assert entry.session.nbytes > fresh + fresh // 10
-    store.enforce_bounds(keep=key("busy"))
-    assert store.get(key("idle")) is None and store.get(key("busy")) is entry
+    click(store, model, image, "idle", [], scope=SCOPE._replace(label="white_matter"))
+    busy, _, _ = click(store, model, image, "busy", [P2])
+    assert busy.nbytes > fresh + fresh // 10
+    assert len(store) == 1 and store.nbytes == busy.nbytes
+    assert click(store, model, image, "busy", [P2])[0] is busy
 
 
 def test_a_session_over_the_byte_bound_alone_is_kept(model, image):
     store = SessionStore(ttl_s=100, max_sessions=8, max_bytes=1)
-    entry = store.claim(key("only"), lambda: InteractiveSession(image, model))
-    store.enforce_bounds(keep=key("only"))
-    assert store.get(key("only")) is entry
+    only, _, _ = click(store, model, image, "only", [P1])
+    assert click(store, model, image, "only", [P1])[:2] == (only, 0)
 
 
 # ---------------------------------------------------------------------------------------- click simulation

@@ -1,11 +1,12 @@
-"""The `mais` infer task: DeepEdit-style clicks from Slicer, OHIF or scripts, answered from a per-user memory.
+"""The `mais` infer task: DeepEdit-style clicks from Slicer, OHIF or scripts, answered from a session's memory.
 
-A thin MONAI Label adapter: requests are validated (`lib.infers.request`) and checked against the image, routed
-to the user's interaction session (`lib.session`), which applies the request's click history itself, and the
-session's mask is written in the format the client asked for. A bad request is answered with HTTP 422 naming the
-field, unusable served weights with 503 naming the file; the server stays up. The result reports the seconds of
-each stage under `latencies`, with the keys of MONAI Label's BasicInferTask: `pre` (request, weights, image in
-model space, session), `infer` (interaction steps), `invert` (logits back onto the image's grid), `write`.
+A thin MONAI Label adapter: requests are validated (`lib.infers.request`) and checked against the image, matched
+by their click history to the interaction session they continue, whoever sent them (`lib.session.store`), the
+session is brought up to the request's history, and its mask is written in the format the client asked for. A
+bad request is answered with HTTP 422 naming the field, unusable served weights with 503 naming the file; the
+server stays up. The result reports the seconds of each stage under `latencies`, with the keys of MONAI Label's
+BasicInferTask: `pre` (request, weights, image in model space, session), `infer` (interaction steps), `invert`
+(logits back onto the image's grid), `write`.
 
 MONAI Label runs inference inline in its request handler, so a click blocks every other request of the server
 for its duration: keeping a later click to a decoder pass, not an encoder pass, matters for every user.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 import time
 from typing import Any
 
@@ -25,14 +25,13 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.transform.writer import Writer
 
-from lib.clicks.simulator import POSITIVE
 from lib.configs.app_settings import AppSettings
 from lib.imaging import ModelSpaceImage, VolumeError
 from lib.infers.request import ClickRequest, RequestError, parse_click_request
 from lib.model.weights import WeightsError
 from lib.model_loader import ModelLoader
 from lib.session.interactive import InteractiveSession
-from lib.session.store import SessionKey, SessionStore
+from lib.session.store import SessionScope, SessionStore
 from lib.volume_formats import volume_extension
 
 logger = logging.getLogger(__name__)
@@ -66,10 +65,7 @@ class MaisInfer(InferTask):
             max_sessions=settings.max_sessions,
             max_bytes=settings.max_session_mb * 2**20,
         )
-        self._sessions_version = served.version  # the weights the stored sessions' memories were built by
-        # held from reading the served model to claiming a session with it: a publish in between must not leave a
-        # session of the old weights in a store that was cleared for the new ones
-        self._version_lock = threading.Lock()
+        self._sessions_version = served.version  # the weights the stored sessions' memories were last built by
         self._prepared_image = functools.lru_cache(maxsize=PREPARED_IMAGE_CACHE_SIZE)(self._prepare_image)
 
     def is_valid(self) -> bool:
@@ -77,7 +73,7 @@ class MaisInfer(InferTask):
 
     def forget_image(self, image_path: str) -> None:
         """Start afresh on an image whose label was just saved: the saved label is the new reference."""
-        dropped = self.sessions.drop_where(lambda key: key.image == image_path)
+        dropped = self.sessions.drop_where(lambda scope: scope.image == image_path)
         logger.info("dropped %d interaction session(s) of %s", dropped, image_path)
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict]:
@@ -85,33 +81,36 @@ class MaisInfer(InferTask):
         image_path = str(request.get("image") or "")
         try:
             clicks = parse_click_request(
-                request, list(self.label_map), lambda owner, clicked: self._ohif_target(owner, image_path, clicked)
+                request, list(self.label_map), lambda clicked: self._ohif_target(image_path, clicked)
             )
         except RequestError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
         if not os.path.isfile(image_path):
             raise HTTPException(status_code=404, detail=f"image not found: {request.get('image')!r}")
-        key = SessionKey(clicks.owner, image_path, clicks.label)
-        existing = self.sessions.get(key)
-        # a session's image is its own: only a new session prepares one (the cache holds a few images only)
-        image = existing.session.image if existing is not None else self._prepared(image_path)
-        _check_inside(clicks, image.original_shape)  # before a session exists: a bad click costs no state
-        with self._version_lock:
-            try:
-                model, version = self.model_loader.get()
-            except WeightsError as error:  # e.g. a published file deleted or damaged by hand: fixable, no restart
-                raise HTTPException(status_code=503, detail=f"the served weights cannot be used: {error}") from None
-            if version != self._sessions_version:
-                self.sessions.clear()  # memories built by other weights are meaningless to the new ones
-                self._sessions_version = version
-            entry = self.sessions.claim(key, lambda: InteractiveSession(image, model))
-        prepared = time.perf_counter()
-        with entry.lock:
-            session = entry.session
-            update = session.apply(clicks.positives, clicks.negatives, reset=clicks.reset_state)
+        try:
+            model, version = self.model_loader.get()
+        except WeightsError as error:  # e.g. a published file deleted or damaged by hand: fixable, no restart
+            raise HTTPException(status_code=503, detail=f"the served weights cannot be used: {error}") from None
+        if version != self._sessions_version:
+            # memories built by other weights are meaningless to the new ones; a session a request of the old
+            # weights stores after this is out of every new request's scope and ages out
+            self.sessions.drop_where(lambda scope: scope.weights != version)
+            self._sessions_version = version
+        scope = SessionScope(image_path, clicks.label, version)
+        with self.sessions.continued(
+            scope,
+            clicks.positives,
+            clicks.negatives,
+            owner=clicks.owner,
+            # a session's image is its own: only a new session prepares one (the cache holds a few images only)
+            create=lambda: self._new_session(image_path, model, clicks),
+            reset=clicks.reset_state,
+        ) as (session, history):
+            _check_inside(clicks, session.image.original_shape)  # a bad click leaves the session as it was
+            prepared = time.perf_counter()
+            update = session.advance(history)
             mask = session.mask.astype(clicks.result_dtype) * self.label_map[clicks.label]
             affine, click_count, window_count = session.image.original_affine, len(session.clicks), len(session.windows)
-        self.sessions.enforce_bounds(keep=key)  # the session may have grown (new windows)
 
         written = time.perf_counter()
         label_path, _ = Writer(label="pred")(
@@ -143,18 +142,21 @@ class MaisInfer(InferTask):
             },
             "weights": version.partition("@")[0],
         }
-        logger.info("mais %s: %s", key, result)
+        logger.info("mais %s %s (%s): %s", image_path, clicks.label, clicks.owner, result)
         return label_path, result
 
-    def _ohif_target(self, owner: str, image_path: str, clicked: dict[str, list]) -> str:
-        """OHIF sends no `label`: the target is the last label whose click list differs from its session."""
-        changed = []
-        for label, points in clicked.items():
-            entry = self.sessions.get(SessionKey(owner, image_path, label))
-            applied = [c.coord for c in entry.session.clicks if c.label == POSITIVE] if entry else []
-            if applied != [tuple(p) for p in points]:
-                changed.append(label)
+    def _ohif_target(self, image_path: str, clicked: dict[str, list]) -> str:
+        """OHIF sends no `label`: the target is the last label whose click list no stored session has applied."""
+        changed = [
+            label for label, points in clicked.items() if not self.sessions.positives_applied(image_path, label, points)
+        ]
         return (changed or list(clicked))[-1]
+
+    def _new_session(self, image_path: str, model, clicks: ClickRequest) -> InteractiveSession:
+        """A session for a request that continues none; a click outside the image is refused before it exists."""
+        image = self._prepared(image_path)
+        _check_inside(clicks, image.original_shape)
+        return InteractiveSession(image, model)
 
     def _prepared(self, image_path: str) -> ModelSpaceImage:
         """The image in model space; HTTP 422 naming what is wrong when it cannot be read as a 3D volume."""

@@ -6,8 +6,8 @@ full histories: every request carries all clicks placed so far for the segment.
 
 - Slicer, DeepEdit type: `{<every label>: [[i, j, k], ...], "label": <current segment>, "client_id": ...}`;
   negative clicks are the points of the `background` segment.
-- OHIF v3, DeepEdit type: the same label-keyed lists, no `label` key: the target is the label whose list
-  received the newest click (the caller resolves it against the stored sessions of the request's `owner`, see
+- OHIF v3, DeepEdit type: the same label-keyed lists, no `label` key and no client id: the target is the label
+  whose list received the newest click (the caller resolves it against the stored sessions, see
   `parse_click_request`).
 - DeepGrow type (Slicer, scripts): `{"foreground": [...], "background": [...], "label": <optional>}`.
 """
@@ -58,9 +58,10 @@ class ClickRequest:
 
     @property
     def owner(self) -> str:
-        """Whose interaction sessions the request continues: the MONAI Label session of a volume uploaded with
-        `PUT /session/` if the request names one, else the client. The one rule every session key is built by."""
-        return session_owner(self.session_id, self.client_id)
+        """Who sent the request: the MONAI Label session of a volume uploaded with `PUT /session/` if the request
+        names one, else the client. Only a preference among the sessions the request's history may continue
+        (`lib.session.store`): it never gives access to a session."""
+        return self.session_id or self.client_id
 
 
 class _CommonFields(BaseModel):
@@ -131,8 +132,7 @@ def _check_label(label: str, label_names: list[str]) -> str:
 def parse_click_request(request: dict, label_names: list[str], ohif_target_label) -> ClickRequest:
     """Validate a request of any client shape into a ClickRequest; raises RequestError naming the field.
 
-    ohif_target_label(owner, clicks_by_label) -> label: resolves OHIF's label-less requests against the sessions
-    of `owner` (`ClickRequest.owner`).
+    ohif_target_label(clicks_by_label) -> label: resolves OHIF's label-less requests against the stored sessions.
     """
     session = request.get("session")
     session_id = session.get("name") if isinstance(session, dict) else None
@@ -153,7 +153,7 @@ def parse_click_request(request: dict, label_names: list[str], ohif_target_label
         }
         if not clicked:
             raise RequestError("params", "no label to segment: send clicks under a label name, or 'label'")
-        label = ohif_target_label(session_owner(session_id, fields.client_id), clicked)
+        label = ohif_target_label(clicked)
         positives = clicked[label]
     negatives = _point_list(request, "background")
     if len(positives) + len(negatives) > MAX_CLICKS:
@@ -169,11 +169,6 @@ def parse_click_request(request: dict, label_names: list[str], ohif_target_label
         result_dtype=fields.result_dtype,
         result_compress=fields.result_compress,
     )
-
-
-def session_owner(session_id: str | None, client_id: str | None) -> str:
-    """`ClickRequest.owner`: the MONAI Label session if any, else the client (ANONYMOUS when it sent no id)."""
-    return session_id or client_id or ANONYMOUS
 
 
 def _default_label(label_names: list[str]) -> str:

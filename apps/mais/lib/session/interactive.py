@@ -7,10 +7,11 @@ steps. A click far from the current window (or outside it) opens a window centre
 predicted so far, so a structure larger than one 128^3 crop (192 mm) is segmented window by window instead of
 being cut at the crop border.
 
-A request brings the segment's full click history (`apply`): the session reconciles it with the clicks it has
-applied (`lib.clicks.history`) and runs only the new ones. Undo and lost state are the same operation: `replay`
-rebuilds everything from a click list, which is also what happens after a server restart, because clients
-resend their full history with every request.
+A request brings the segment's full click history: `apply` reconciles it with the clicks the session has
+applied (`lib.clicks.history`), `advance` takes it already ordered (the session store orders it, see
+`lib.session.store`); either runs only the new clicks. Undo and lost state are the same operation: a history
+that does not begin with the applied clicks is replayed from scratch, which is also what happens after a server
+restart or on another replica, because clients resend their full history with every request.
 
 Click coordinates here are voxel indices [i, j, k] of the ORIGINAL image file.
 """
@@ -93,22 +94,24 @@ class InteractiveSession:
     def apply(self, positives: Sequence[Voxel], negatives: Sequence[Voxel], reset: bool = False) -> SessionUpdate:
         """Bring the session up to a request's full click history (original voxels [i, j, k], each list in
         arrival order): only clicks not yet applied run, unless a click was removed (then the rest is replayed).
-        reset, or an empty history, starts afresh first."""
+        reset starts afresh first."""
+        applied = [] if reset else self.clicks
+        update = reconcile(applied, positives, negatives)
+        return self.advance(update.replay if update.replay is not None else applied + update.new, reset)
+
+    def advance(self, history: list[Click], reset: bool = False) -> SessionUpdate:
+        """Bring the session to `history`, all its clicks in arrival order: the clicks beyond the applied ones run
+        when it begins with them; otherwise (or with reset) the session starts afresh and replays all of it."""
         started = time.perf_counter()
         self._to_grid_s, self._changed = 0.0, None
-        if reset or not (positives or negatives):
+        if reset or history[: len(self.clicks)] != self.clicks:
             self.reset()
-        update = reconcile(self.clicks, positives, negatives)
-        if update.replay is not None:
-            self.replay(update.replay)
-            steps = len(update.replay)
-        else:
-            for click in update.new:
-                self.add_click(click)
-            steps = len(update.new)
+        new = history[len(self.clicks) :]
+        for click in new:
+            self.add_click(click)
         changed = None if self._changed is None else tuple(tuple(int(v) for v in end) for end in self._changed)
         elapsed = time.perf_counter() - started
-        return SessionUpdate(steps, changed, elapsed - self._to_grid_s, self._to_grid_s)
+        return SessionUpdate(len(new), changed, elapsed - self._to_grid_s, self._to_grid_s)
 
     def reset(self) -> None:
         """Forget every click, window and mask (the image and its model-space volume stay)."""
@@ -117,12 +120,6 @@ class InteractiveSession:
         self.clicks, self.windows = [], []
         self.logits = torch.full((1, *self.image.shape), BACKGROUND_LOGIT, dtype=torch.float16, device=self.device)
         self.mask = np.zeros(self.image.original_shape, dtype=bool)
-
-    def replay(self, clicks: list[Click]) -> None:
-        """Rebuild the session from scratch by applying `clicks` in order (undo, expired or restarted state)."""
-        self.reset()
-        for click in clicks:
-            self.add_click(click)
 
     @torch.inference_mode()
     def add_click(self, click: Click) -> None:
@@ -240,9 +237,22 @@ class InteractiveSession:
     @property
     def nbytes(self) -> int:
         """Memory this session holds besides the shared model (image volume counted, as it is cached per image)."""
-        total = self.image.nbytes + self.logits.numel() * self.logits.element_size() + self.mask.nbytes
-        for window in self.windows:
-            total += window.volume.numel() * window.volume.element_size()
-            total += window.image_embedding.numel() * window.image_embedding.element_size()
-            total += window.interaction.memory.nbytes()
-        return total
+        return sum(self.nbytes_by_part().values())
+
+    def nbytes_by_part(self) -> dict[str, int]:
+        """`nbytes` by what holds it: the image in model space, the logits, the mask, and the windows' volumes,
+        embeddings, memories and last low-res logits (summed over the windows)."""
+        windows = self.windows
+        return {
+            "image": self.image.nbytes,
+            "logits": _tensor_bytes(self.logits),
+            "mask": self.mask.nbytes,
+            "window volumes": sum(_tensor_bytes(w.volume) for w in windows),
+            "window embeddings": sum(_tensor_bytes(w.image_embedding) for w in windows),
+            "window memories": sum(w.interaction.memory.nbytes() for w in windows),
+            "window low-res logits": sum(_tensor_bytes(w.interaction.low_res_logits) for w in windows),
+        }
+
+
+def _tensor_bytes(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
