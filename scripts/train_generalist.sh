@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One generalist training run on the device tool: the whole network with the full-resolution refinement head
-# (added at zero where the weights lack it), continued from the shipped weights, on samples synthesised on the
-# GPU from the label-map cache (90%) and synthetic shapes (10%), mixed click rules. Every run is a warm restart
-# from the committed weights (apps/mais/model/mais_light.pt, fp16): a fresh AdamW and a learning rate that warms
-# up and decays over the run's time budget, so device sessions add up.
+# (added at zero where the weights lack it, as runs 4-6 did; the shipped file dropped it), continued from the
+# shipped weights, on samples synthesised on the GPU from the label-map cache (90%) and synthetic shapes (10%),
+# mixed click rules. Every run is a warm restart from the committed weights (apps/mais/model/mais_light.pt,
+# fp16): a fresh AdamW and a learning rate that warms up and decays over the run's time budget, so device
+# sessions add up.
 #
 #   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED [CLICKS]
 #

@@ -6,15 +6,17 @@ import numpy as np
 import torch
 
 from lib.clicks.simulator import NEGATIVE, PADDING, POSITIVE
+from lib.imaging import ModelSpaceImage
 from lib.model.builder import build_mais
 from lib.model.config import MaisConfig
 from lib.model.interaction import InteractionState
 from lib.model.refinement import click_maps
 from lib.model.weights import load_mais, save_mais
+from lib.session.interactive import InteractiveSession
 from lib.training.config import FitConfig
 from lib.training.initial_model import build_model
 from lib.training.interaction_loop import InteractionConfig, run_interaction
-from tiny import tiny_model
+from tiny import INSIDE, tiny_model, write_box_image
 
 
 def one_step(model, volume, coords, labels):
@@ -33,7 +35,6 @@ def test_without_the_head_the_network_and_its_masks_are_sam_med3d():
 
 
 def test_a_fresh_head_leaves_the_decoder_mask_exactly_as_it_was():
-    assert MaisConfig.light().refinement  # the shipped network has it
     model = tiny_model(refinement=True)
     volume = torch.randn(1, 1, 128, 128, 128)
     out = one_step(model, volume, torch.tensor([[[64.0, 60.0, 70.0]]]), torch.tensor([[POSITIVE]]))
@@ -93,3 +94,14 @@ def test_training_adds_a_head_to_weights_without_one_and_can_drop_it(tmp_path):
     assert build_model(FitConfig(init=kept, memory_size=8), torch.device("cpu")).config.refinement
     dropped = build_model(FitConfig(init=kept, refinement=False, memory_size=8), torch.device("cpu"))
     assert dropped.refinement is None
+
+
+def test_a_session_keeps_its_windows_volume_for_the_head_only(tmp_path):
+    image = ModelSpaceImage.from_file(str(write_box_image(tmp_path / "box.nii.gz")))
+    with_head = InteractiveSession(image, tiny_model(refinement=True))
+    without = InteractiveSession(image, tiny_model())
+    for session in (with_head, without):
+        session.apply([INSIDE], [])
+    assert with_head.windows[0].volume.shape == (1, 1, 128, 128, 128)
+    assert with_head.nbytes_by_part()["window volumes"] == 128**3 * 4
+    assert without.windows[0].volume is None and without.nbytes_by_part()["window volumes"] == 0

@@ -101,9 +101,9 @@ class MaisConfig:
         """The shipped default: ViT embed 192, depth 6, 6 heads, global attention, 1x1 neck (3.8 M encoder
         parameters); same prompt encoder, decoder and memory interface. Sized so that the whole model stored in
         fp16 (11.6 M parameters, 23 MB) fits the 25 MB the repository allows for shipped weights, and trains from
-        scratch within minutes on one GPU. With the full-resolution refinement head unless told otherwise."""
+        scratch within minutes on one GPU."""
         encoder = EncoderConfig(embed_dim=192, depth=6, num_heads=6, window_size=0, neck_kernel_size=1)
-        return cls(name="light", encoder=encoder, **{"refinement": True, **overrides})
+        return cls(name="light", encoder=encoder, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -56,7 +56,7 @@ class InteractionState:
         self,
         model: Mais,
         image_embeddings: Tensor,
-        volume: Tensor,
+        volume: Tensor | None,
         click_coords: Tensor,
         click_labels: Tensor,
         refine: bool = True,
@@ -64,10 +64,11 @@ class InteractionState:
         """One interaction step (module docstring).
 
         image_embeddings [B, E, 8, 8, 8] from `model.embed_image`; volume [B, 1, 128, 128, 128]: the crops they
-        embed (what the refinement head sees; unused without it). click_coords [B, N, 3] float (d0, d1, d2) crop
-        voxels and click_labels [B, N] int (1 positive, 0 negative, -1 padding): the clicks of this interaction
-        so far, oldest first, the newest last. refine False: the logits are the decoder's upsampled, the
-        refinement head skipped (training runs it at one step of a sequence: see lib.training.interaction_loop).
+        embed (what the refinement head sees; unused, and may be None, without it). click_coords [B, N, 3] float
+        (d0, d1, d2) crop voxels and click_labels [B, N] int (1 positive, 0 negative, -1 padding): the clicks of
+        this interaction so far, oldest first, the newest last. refine False: the logits are the decoder's
+        upsampled, the refinement head skipped (training runs it at one step of a sequence: see
+        lib.training.interaction_loop).
         Gradients flow as the caller's mode allows (training: through the prediction and the memory entries;
         inference: call under torch.inference_mode()).
         """

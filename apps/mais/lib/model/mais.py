@@ -156,10 +156,13 @@ class Mais(nn.Module):
         """[B, 1, 32, 32, 32] -> [B, 1, 128, 128, 128] logits, trilinear as SAM-Med3D (threshold at 0)."""
         return F.interpolate(low_res_logits, size=(self.img_size,) * 3, mode="trilinear", align_corners=False)
 
-    def mask_logits(self, low_res_logits: Tensor, volume: Tensor, point_coords: Tensor, point_labels: Tensor) -> Tensor:
+    def mask_logits(
+        self, low_res_logits: Tensor, volume: Tensor | None, point_coords: Tensor, point_labels: Tensor
+    ) -> Tensor:
         """The step's mask logits [B, 1, 128, 128, 128] (mask = logits > 0): the decoder's low_res_logits
         [B, 1, 32, 32, 32] upsampled, plus the refinement head's residual when the model has one, which sees the
-        crop's volume [B, 1, 128, 128, 128] (the encoder's input) and the prompt's clicks [B, P, 3] / [B, P]."""
+        crop's volume [B, 1, 128, 128, 128] (the encoder's input; None will do without a head) and the prompt's
+        clicks [B, P, 3] / [B, P]."""
         logits = self.upsample_logits(low_res_logits)
         if self.refinement is None:
             return logits

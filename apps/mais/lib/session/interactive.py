@@ -42,12 +42,12 @@ BORDER_POINT_DEPTH = 4
 
 @dataclass
 class _Window:
-    """A crop window's own state: its image [1, 1, 128, 128, 128] (the refinement head sees it) and embedding
-    [1, C, 8, 8, 8], its interaction (memory bank and last low-res logits) and the model-space [lo, hi) box of
-    its last positive logits."""
+    """A crop window's own state: its image [1, 1, 128, 128, 128] (kept for a model with the refinement head,
+    which sees it; None without one) and embedding [1, C, 8, 8, 8], its interaction (memory bank and last
+    low-res logits) and the model-space [lo, hi) box of its last positive logits."""
 
     crop: CropWindow
-    volume: Tensor
+    volume: Tensor | None
     image_embedding: Tensor
     interaction: InteractionState
     positive_box: tuple[np.ndarray, np.ndarray] | None = None
@@ -225,7 +225,10 @@ class InteractiveSession:
     def _open_window(self, crop: CropWindow) -> _Window:
         """A new window: its image embedding, an empty memory, and as previous mask what other windows found."""
         volume = crop.extract(self.image.volume, fill=self.image.pad_value)[None].to(self.device)
-        window = _Window(crop, volume, self.model.embed_image(volume), InteractionState.start(self.model, batch_size=1))
+        kept_volume = volume if self.model.config.refinement else None  # 8 MB a window, for the head only
+        window = _Window(
+            crop, kept_volume, self.model.embed_image(volume), InteractionState.start(self.model, batch_size=1)
+        )
         if self.windows:  # continue from what earlier windows predicted here
             seed = crop.extract(self.logits.float(), fill=BACKGROUND_LOGIT)[None]  # [1, 1, 128, 128, 128]
             if (seed > 0).any():
