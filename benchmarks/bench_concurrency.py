@@ -12,7 +12,6 @@ latency median and p95 alone and together, the errors, and the masks that differ
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "apps" / "mais"), str(REPO_ROOT / "tests")]
 
 from annotators import click_alone, click_together, team  # noqa: E402
-from server import MonaiLabelServer, copy_sample_data  # noqa: E402
+from server import server_benchmark_parser, serving  # noqa: E402
 
 
 def percentiles(seconds: list[float]) -> str:
@@ -34,33 +33,22 @@ def percentiles(seconds: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running server (default: start one on a copy of sample-data)")
-    parser.add_argument("--studies", type=Path, default=REPO_ROOT / "sample-data", help="its datastore folder")
+    parser = server_benchmark_parser(__doc__)
     parser.add_argument("--users", type=int, default=20)
     parser.add_argument("--clicks", type=int, default=20)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        server = None
-        if args.url is None:
-            studies = copy_sample_data(Path(tmp) / "studies")
-            server = MonaiLabelServer(studies, Path(tmp) / "server.log").start()
-            args.url = server.url
-        try:
-            plans, alone_seconds = {}, []
-            for annotator in team(args.users):
-                plans[annotator], seconds = click_alone(args.url, args.studies, annotator, args.clicks)
-                alone_seconds += seconds
-            started = time.perf_counter()
-            outcome = click_together(args.url, plans)
-            wall = time.perf_counter() - started
-        finally:
-            if server is not None:
-                server.stop()
+    with tempfile.TemporaryDirectory() as tmp, serving(args.url, Path(tmp)) as url:
+        plans, alone_seconds = {}, []
+        for annotator in team(args.users):
+            plans[annotator], seconds = click_alone(url, args.studies, annotator, args.clicks)
+            alone_seconds += seconds
+        started = time.perf_counter()
+        outcome = click_together(url, plans)
+        wall = time.perf_counter() - started
 
     requests = sum(len(made) for made in plans.values())
-    print(f"{args.users} annotators x {args.clicks} clicks ({requests} requests) at {args.url}")
+    print(f"{args.users} annotators x {args.clicks} clicks ({requests} requests) at {url}")
     print(f"alone, one after the other: {percentiles(alone_seconds)}")
     print(f"together:                   {percentiles(outcome.latencies)}, {wall:.1f} s wall")
     print(f"errors: {len(outcome.errors)}, masks unlike alone: {len(outcome.mismatches)}")

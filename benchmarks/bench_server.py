@@ -11,7 +11,6 @@ uses a new client id, so its first click pays for loading the image and embeddin
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -27,7 +26,7 @@ sys.path[:0] = [str(REPO_ROOT / "apps" / "mais"), str(REPO_ROOT / "tests")]
 
 from lib.clicks.simulator import POSITIVE, first_click, next_click  # noqa: E402
 from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
-from server import MonaiLabelServer, copy_sample_data  # noqa: E402
+from server import server_benchmark_parser, serving  # noqa: E402
 
 # (image id, file name, label): the 512x512 CT, the anisotropic non-RAS NRRD, a small and a large brain structure
 CASES = [
@@ -79,26 +78,15 @@ def summary(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="a running server (default: start one on a copy of sample-data)")
-    parser.add_argument("--studies", type=Path, default=REPO_ROOT / "sample-data", help="its datastore folder")
+    parser = server_benchmark_parser(__doc__)
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        server = None
-        if args.url is None:
-            server = MonaiLabelServer(copy_sample_data(tmp / "studies"), tmp / "server.log").start()
-            args.url = server.url
-        try:
-            results = [
-                run_case(args.url, args.studies, case, args.clicks, args.repeat, tmp / "result.nrrd") for case in CASES
-            ]
-        finally:
-            if server is not None:
-                server.stop()
+    with tempfile.TemporaryDirectory() as tmp, serving(args.url, Path(tmp)) as url:
+        results = [
+            run_case(url, args.studies, case, args.clicks, args.repeat, Path(tmp) / "result.nrrd") for case in CASES
+        ]
 
     print(f"{'case':28s} {'first click ms':>15s} {'later clicks ms':>15s}")
     print(f"{'':28s} {'median     p95':>15s} {'median     p95':>15s}")

@@ -6,6 +6,8 @@ temporary copy of the sample data so that tests never write into the repository.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -13,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -122,3 +125,26 @@ def run_until_exit(studies: Path | str, conf: dict[str, str] | None, timeout_s: 
         env=dict(os.environ, MONAI_LABEL_TRACKING_ENABLED="false"),
     )
     return result.returncode, result.stdout + result.stderr
+
+
+def server_benchmark_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark that drives a server over HTTP, with --url and --studies (see `serving`); the
+    benchmark adds its own options."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="a running server (default: start one on a copy of sample-data)")
+    parser.add_argument("--studies", type=Path, default=SAMPLE_DATA, help="its datastore folder")
+    return parser
+
+
+@contextlib.contextmanager
+def serving(url: str | None, scratch: Path) -> Iterator[str]:
+    """The URL to benchmark: `url` when given, else a server started for the block on a copy of sample-data under
+    `scratch` (its log there too) and stopped after it."""
+    if url is not None:
+        yield url
+        return
+    server = MonaiLabelServer(copy_sample_data(scratch / "studies"), scratch / "server.log").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
