@@ -16,7 +16,7 @@ The residual is affine in the voxel's own intensity (a guided filter's idea), so
 is inside near here and the edge lands on the voxel where the image crosses it, at full resolution. The
 coefficient layer starts at zero, so an untrained head leaves the decoder's mask exactly as it was; a model
 without the head (MaisConfig.refinement False) is SAM-Med3D's network. Everything but the last line runs at half
-resolution: ~0.5 GMAC and a few full-resolution passes, ~50 ms a crop on two CPU cores.
+resolution: ~0.5 GMAC and a few full-resolution passes, ~60 ms a click on two CPU cores (bench_session.py).
 """
 
 from __future__ import annotations
