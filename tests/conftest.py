@@ -39,7 +39,7 @@ def server(studies, tmp_path_factory):
 
 @pytest.fixture()
 def client(server, tmp_path):
-    # Results land in tmp_path, not /tmp: there the server's clean-up of a file of the same name would race.
+    # Results land in tmp_path: each test's files stay its own (the system's folder works as well: test_infer.py)
     return MONAILabelClient(server.url, tmpdir=str(tmp_path), client_id="pytest")
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import requests
+from monailabel.client import MONAILabelClient
 
 from clicking import BRAIN1_LESION_MIN_DICE, dice, dice_per_click, interior_voxel, load, slicer_click
+from lib.infers.mais import RESULTS_DIR
 from server import REPO_ROOT, SAMPLE_DATA, MonaiLabelServer
 
 pytestmark = pytest.mark.server
@@ -72,6 +77,34 @@ def test_a_small_image_held_out_of_training_gets_its_lesion(server):
     scores = dice_per_click(server.url, "small-image", "breast1", "lesion", truth, clicks=5)
     assert scores[0] >= 0.5, scores
     assert min(scores[1:]) > scores[0] + 0.05 and max(scores) > 0.65, scores
+
+
+def test_the_clients_result_file_is_there_when_client_and_server_share_a_machine(server, brain1_lesion):
+    """MONAILabelClient saves a result in the system's temporary folder under the name the server sent, and the
+    server deletes its copy once it has answered: eight clients at once on the server's machine, their default
+    folder, each finds its file, and the server keeps none of them."""
+    image, _ = load(SAMPLE_DATA / "brain1.nrrd")
+
+    def click(user: int) -> str:
+        client = MONAILabelClient(server.url, client_id=f"same-machine-{user}")  # tmpdir: the system's
+        params = {"lesion": [brain1_lesion], "label": "lesion", "result_extension": ".nrrd"}
+        path, _ = client.infer("mais", "brain1", params)
+        return path
+
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(click, range(8)))
+    try:
+        assert len(set(paths)) == 8
+        for path in paths:
+            mask, _ = load(path)  # raises if the server deleted it
+            assert mask.shape == image.shape and mask[tuple(brain1_lesion)] == LESION
+    finally:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+    deadline = time.monotonic() + 10  # the endpoint deletes its copy in a background task after answering
+    while any(RESULTS_DIR.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(RESULTS_DIR.iterdir()), list(RESULTS_DIR.iterdir())
 
 
 def test_ohif_request_without_label_key(server):

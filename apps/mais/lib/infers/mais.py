@@ -17,7 +17,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 # Images kept in model space for new sessions; a 512x512x48 CT takes ~30 MB there.
 PREPARED_IMAGE_CACHE_SIZE = 8
+# where click results wait for the endpoint to send and delete them (see _private_result_path)
+RESULTS_DIR = Path(tempfile.gettempdir()) / f"mais-results-{os.getuid()}"
 
 
 class MaisInfer(InferTask):
@@ -113,7 +118,7 @@ class MaisInfer(InferTask):
             affine, click_count, window_count = session.image.original_affine, len(session.clicks), len(session.windows)
 
         written = time.perf_counter()
-        label_path, _ = Writer(label="pred")(
+        written_path, _ = Writer(label="pred")(
             {
                 "image_path": image_path,
                 "pred": mask,
@@ -123,6 +128,7 @@ class MaisInfer(InferTask):
                 "result_compress": clicks.result_compress,
             }
         )
+        label_path = _private_result_path(written_path)
         finished = time.perf_counter()
         result = {
             "label": clicks.label,
@@ -183,3 +189,14 @@ def _check_inside(clicks: ClickRequest, shape: tuple[int, int, int]) -> None:
 
 def _own_extension(image_path: str) -> str:
     return volume_extension(image_path) or ".nii.gz"
+
+
+def _private_result_path(written_path: str) -> str:
+    """Move a result MONAI Label's Writer wrote into the system temporary folder to a name of its own in
+    RESULTS_DIR, and return it. The endpoint deletes the file once answered, and MONAI Label's client saves the
+    answer under the file's name in the same temporary folder: with the Writer's name, a client on the server's
+    machine saved its result where the server then deleted it. Names carry a uuid, so no two requests share one."""
+    RESULTS_DIR.mkdir(mode=0o700, exist_ok=True)
+    private = RESULTS_DIR / f"{uuid.uuid4().hex}-{os.path.basename(written_path)}"
+    os.replace(written_path, private)
+    return str(private)
