@@ -12,8 +12,7 @@ from scipy import ndimage
 from lib.clicks.simulator import POSITIVE, next_click
 from lib.configs.labels import SAMPLE_LABELS
 
-# The client saves a result under the server's temporary file name: a folder of its own keeps the server's
-# clean-up of that name (same machine, same /tmp) from deleting the client's copy.
+# The tests' downloaded results, in a folder of their own (the system's would work too: test_infer.py)
 RESULTS_DIR = tempfile.mkdtemp(prefix="mais-test-results-")
 
 
