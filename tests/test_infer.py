@@ -82,7 +82,7 @@ def test_a_small_image_held_out_of_training_gets_its_lesion(server):
 def test_the_clients_result_file_is_there_when_client_and_server_share_a_machine(server, brain1_lesion):
     """MONAILabelClient saves a result in the system's temporary folder under the name the server sent, and the
     server deletes its copy once it has answered: eight clients at once on the server's machine, their default
-    folder, each finds its file, and the server keeps none of them."""
+    folder, each finds its file, and the server keeps none of its copies."""
     image, _ = load(SAMPLE_DATA / "brain1.nrrd")
 
     def click(user: int) -> str:
@@ -101,10 +101,20 @@ def test_the_clients_result_file_is_there_when_client_and_server_share_a_machine
     finally:
         for path in paths:
             Path(path).unlink(missing_ok=True)
+    servers_copies = [RESULTS_DIR / Path(path).name for path in paths]
     deadline = time.monotonic() + 10  # the endpoint deletes its copy in a background task after answering
-    while any(RESULTS_DIR.iterdir()) and time.monotonic() < deadline:
+    while any(copy.exists() for copy in servers_copies) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(RESULTS_DIR.iterdir()), list(RESULTS_DIR.iterdir())
+    assert not any(copy.exists() for copy in servers_copies), servers_copies
+
+
+def test_an_unknown_image_gets_404_naming_the_id_that_was_sent(server):
+    params = {"lesion": [[10, 10, 10]], "label": "lesion", "client_id": "pytest"}
+    response = requests.post(
+        f"{server.url}/infer/mais?image=no_such_image&output=json", data={"params": json.dumps(params)}, timeout=60
+    )
+    assert response.status_code == 404, response.text
+    assert response.json()["detail"] == "image not found: 'no_such_image'"
 
 
 def test_ohif_request_without_label_key(server):

@@ -12,6 +12,7 @@ import pytest
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
+import lib.infers.mais
 from lib.activelearning.disagreement import ProbeConfig
 from lib.activelearning.tasks import WEIGHTS_KEY, DisagreementScoring
 from lib.configs.app_settings import AppSettings
@@ -37,6 +38,12 @@ def image_file(tmp_path_factory):
 def settings(tmp_path):
     save_mais(tiny_model(), tmp_path / "tiny.pt")
     return AppSettings(weights=tmp_path / "tiny.pt", train_dir=tmp_path / "train")
+
+
+@pytest.fixture(autouse=True)
+def results_in_tmp_path(tmp_path, monkeypatch):
+    """The task's results wait for the endpoint to send and delete them; no endpoint here: they go to tmp_path."""
+    monkeypatch.setattr(lib.infers.mais, "RESULTS_DIR", tmp_path / "results")
 
 
 @pytest.fixture()

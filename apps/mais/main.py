@@ -23,7 +23,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib.activelearning.tasks import DisagreementScoring, MostUncertain
 from lib.configs.app_settings import AppConfigError, AppSettings
 from lib.datastore.dicomweb import MaisDICOMWebDatastore
-from lib.infers.mais import MaisInfer
+from lib.infers.mais import REQUESTED_IMAGE_KEY, MaisInfer
 from lib.model.weights import WeightsError
 from lib.model_loader import ModelLoader
 from lib.trainers.mais import MaisTrainer
@@ -82,6 +82,11 @@ class MaisApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         return {"mais": MaisInfer(self.settings, self.label_map, self.model_loader)}
+
+    def infer(self, request, datastore=None):
+        # MONAI Label replaces the image id by the image's path before the task sees it, by "" for an id the
+        # datastore does not have: the task's 404 names the id the client sent (REQUESTED_IMAGE_KEY)
+        return super().infer({**request, REQUESTED_IMAGE_KEY: request.get("image")}, datastore)
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {"mais": MaisTrainer(self.settings, self.label_map, self.model_loader)}

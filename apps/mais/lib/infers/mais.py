@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 # Images kept in model space for new sessions; a 512x512x48 CT takes ~30 MB there.
 PREPARED_IMAGE_CACHE_SIZE = 8
+# the image id as the client sent it (the app adds it: MONAI Label replaces "image" by the path it resolves to)
+REQUESTED_IMAGE_KEY = "requested_image"
 # where click results wait for the endpoint to send and delete them (see _private_result_path)
 RESULTS_DIR = Path(tempfile.gettempdir()) / f"mais-results-{os.getuid()}"
 
@@ -91,7 +93,9 @@ class MaisInfer(InferTask):
         except RequestError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
         if not os.path.isfile(image_path):
-            raise HTTPException(status_code=404, detail=f"image not found: {request.get('image')!r}")
+            raise HTTPException(
+                status_code=404, detail=f"image not found: {request.get(REQUESTED_IMAGE_KEY, request.get('image'))!r}"
+            )
         try:
             model, version = self.model_loader.get()
         except WeightsError as error:  # e.g. a published file deleted or damaged by hand: fixable, no restart
