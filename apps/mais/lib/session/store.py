@@ -196,7 +196,7 @@ class SessionStore:
         total = sum(entry.session.nbytes for entry in self._entries.values())
         while len(self._entries) > 1 and (len(self._entries) > self.max_sessions or total > self.max_bytes):
             entry_id = next(iter(self._entries))
-            if entry_id == keep:  # the only one left to evict is the request's own
+            if entry_id == keep:  # the least recently used is the request's own: the next one goes
                 entry_id = next(itertools.islice(self._entries, 1, None))
             evicted = self._entries.pop(entry_id)
             total -= evicted.session.nbytes
