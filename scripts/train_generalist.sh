@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One generalist training run on the device tool: the whole network with the full-resolution refinement head
-# (added at zero where the weights lack it, as runs 4-6 did; the shipped file dropped it), continued from the
-# shipped weights, on samples synthesised on the GPU from the label-map cache (90%) and synthetic shapes (10%),
-# mixed click rules. Every run is a warm restart from the committed weights (apps/mais/model/mais_light.pt,
-# fp16): a fresh AdamW and a learning rate that warms up and decays over the run's time budget, so device
-# sessions add up.
+# One generalist training run on the device tool: the whole network, continued from the shipped weights, on
+# samples synthesised on the GPU from the label-map cache (90%, magnified 1-2x to the voxels serving uses) and
+# synthetic shapes (10%), mixed click rules. Without the full-resolution refinement head since run 7: runs 4-6
+# trained one (`--refinement`), it added nothing measurable and the shipped file dropped it. Every run is a warm
+# restart from the committed weights (apps/mais/model/mais_light.pt, fp16): a fresh AdamW and a learning rate
+# that warms up and decays over the run's time budget, so device sessions add up.
 #
 #   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED [CLICKS]
 #
@@ -32,7 +32,7 @@ if command -v nvidia-smi >/dev/null; then
   nvidia-smi dmon -s u -d 5 >"$out/gpu_util.txt" 2>&1 &
   trap 'kill $! 2>/dev/null' EXIT
 fi
-$PY -m lib.training.fit --init model/mais_light.pt --train-encoder --refinement \
+$PY -m lib.training.fit --init model/mais_light.pt --train-encoder \
   --training-cache ../../data-cache/training_cache.npz --cache-fraction 0.9 --click-mix mixed --clicks "$clicks" \
   --batch-size "$batch" --lr "$lr" --warmup-steps 10 --ce-weight 1.0 --steps 100000 --time-budget-s "$budget" \
   --no-deterministic --log-every 10 --checkpoint-every 100000 --seed "$seed" --out /tmp/run/gen.pt 2>&1 \

@@ -29,10 +29,10 @@ def interior_voxel(label_file, value: int) -> list[int]:
     return [int(v) for v in np.unravel_index(np.argmax(depth), depth.shape)]
 
 
-# brain1's lesion (in the shipped weights' training data) gets Dice 0.67-0.76 after its first one or two clicks
-# (measured over HTTP, in OHIF and in the evaluation); a mask drawn on the wrong voxels (a flipped axis, a shifted
-# origin, another grid) scores near 0. The tests that check where a mask lands ask for this much.
-BRAIN1_LESION_MIN_DICE = 0.6
+# brain1's lesion (in the shipped weights' training data) gets Dice 0.60 after its first click and 0.74 after its
+# second (the evaluation's centre clicks); a mask drawn on the wrong voxels (a flipped axis, a shifted origin,
+# another grid) scores near 0. The tests that check where a mask lands ask for this much.
+BRAIN1_LESION_MIN_DICE = 0.5
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from lib.imaging import CROP_SIZE, FINE_SPACING_MM, MODEL_SPACING_MM, ModelSpaceImage, load_volume
+from lib.imaging import (
+    CROP_SIZE,
+    DETAIL_SPACING_MM,
+    FINE_SPACING_MM,
+    MAX_MODEL_VOXELS,
+    MODEL_SPACING_MM,
+    ModelSpaceImage,
+    load_volume,
+)
 from server import SAMPLE_DATA
 
 CLICK = np.array([[120.0, 140.0, 12.0]])  # original voxel indices of brain1 (0.78 x 0.78 x 6.5 mm, LPS)
@@ -30,13 +38,16 @@ def view(image, original):
 
 @pytest.mark.parametrize(
     ("name", "spacing_mm"),
-    [("breast1.nii.gz", FINE_SPACING_MM), ("brain1.nrrd", MODEL_SPACING_MM), ("lung1.nii.gz", MODEL_SPACING_MM)],
+    [("breast1.nii.gz", FINE_SPACING_MM), ("brain1.nrrd", DETAIL_SPACING_MM), ("lung1.nii.gz", 0.933)],
 )
-def test_only_a_small_image_is_seen_at_the_fine_spacing(name, spacing_mm):
-    """breast1 is 30 x 80 x 44 mm, under half a 192 mm window along every axis; brain1 and lung1 are not."""
+def test_the_model_voxel_is_as_fine_as_the_field_of_view_allows(name, spacing_mm):
+    """breast1 is 30 x 80 x 44 mm, under half a 192 mm window along every axis: the fine spacing. brain1
+    (200 x 200 x 163 mm) gets 0.75 mm; lung1's 29 x 29 x 24 cm would need more than MAX_MODEL_VOXELS at 0.75 mm,
+    so its voxel grows until the volume fits."""
     image = ModelSpaceImage.from_file(str(SAMPLE_DATA / name))
     assert image.spacing_mm == spacing_mm
     assert np.allclose(np.abs(np.diag(image.affine.numpy())[:3]), spacing_mm)
+    assert np.prod(image.shape) <= MAX_MODEL_VOXELS * 1.01  # the rounding of the voxel and of the grid's faces
 
 
 def world(affine: torch.Tensor, voxels: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 from lib.clicks.simulator import NEGATIVE, PADDING, POSITIVE
-from lib.imaging import ModelSpaceImage
 from lib.model.builder import build_mais
 from lib.model.config import MaisConfig
 from lib.model.interaction import InteractionState
@@ -16,7 +15,7 @@ from lib.session.interactive import InteractiveSession
 from lib.training.config import FitConfig
 from lib.training.initial_model import build_model
 from lib.training.interaction_loop import InteractionConfig, run_interaction
-from tiny import INSIDE, tiny_model, write_box_image
+from tiny import INSIDE, box_image, tiny_model
 
 
 def one_step(model, volume, coords, labels):
@@ -97,7 +96,7 @@ def test_training_adds_a_head_to_weights_without_one_and_can_drop_it(tmp_path):
 
 
 def test_a_session_keeps_its_windows_volume_for_the_head_only(tmp_path):
-    image = ModelSpaceImage.from_file(str(write_box_image(tmp_path / "box.nii.gz")))
+    image = box_image(tmp_path / "box.nii.gz")
     with_head = InteractiveSession(image, tiny_model(refinement=True))
     without = InteractiveSession(image, tiny_model())
     for session in (with_head, without):

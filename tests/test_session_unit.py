@@ -14,14 +14,13 @@ from lib.activelearning.disagreement import click_disagreement
 from lib.clicks.history import common_prefix, reconcile
 from lib.clicks.simulator import NEGATIVE, POSITIVE, Click, first_click, next_click
 from lib.evaluation.interactive import evaluate_structure
-from lib.imaging import ModelSpaceImage
 from lib.model.interaction import InteractionState, prompt_points
 from lib.session.interactive import InteractiveSession
 from lib.session.store import SessionScope, SessionStore
 from lib.training.interaction_loop import InteractionConfig, run_interaction
 from lib.training.real_data import StructureCrop
 from lib.training.validation import validate
-from tiny import IMAGE_SHAPE, INSIDE, box_truth, tiny_model, write_box_image
+from tiny import IMAGE_SHAPE, INSIDE, box_image, box_truth, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    return ModelSpaceImage.from_file(str(write_box_image(tmp_path_factory.mktemp("images") / "box.nii.gz")))
+    return box_image(tmp_path_factory.mktemp("images") / "box.nii.gz")
 
 
 # ------------------------------------------------------------------------------------ the interaction step

@@ -116,12 +116,34 @@ def test_images_are_normalised_like_real_images(cache):
 
 
 def test_real_pairs_keep_the_image_and_pseudo_objects_follow_it(cache):
-    images, targets, names = _synthesiser(cache, seed=2, mode_weights=(0.0, 1.0, 1.0)).next_batch(6)
+    # unmagnified: a 2x crop of the toy image can be all flat background, where a pseudo-object is as dark as
+    # what surrounds it
+    synthesiser = _synthesiser(cache, seed=2, mode_weights=(0.0, 1.0, 1.0), magnification_range=(1.0, 1.0))
+    images, targets, names = synthesiser.next_batch(6)
     assert {name.split(":")[0] for name in names} == {"pair"}
     assert any("pseudo-object" in name for name in names) and any("pseudo-object" not in name for name in names)
     for image, target in zip(images, targets):
         # the real image's labels are bright and flat: a target is brighter on average than what surrounds it
         assert float(image[target].mean()) != pytest.approx(float(image[~target].mean()), abs=0.1)
+
+
+def test_magnification_draws_a_structure_larger_in_the_crop(cache):
+    """A crop magnified 2x shows a component 2x as wide, so about 8x the voxels: the finer voxels serving uses."""
+    still = dict(
+        mode_weights=(1.0, 0.0, 0.0),
+        target_weights=(0.0, 0.0, 1.0),
+        scale_range=0.0,
+        rotation_degrees=0.0,
+        shear_range=0.0,
+        deformation_std_max=0.0,
+        centre_jitter=0.0,
+    )
+    sizes = {}
+    for magnification in (1.0, 2.0):
+        synthesiser = _synthesiser(cache, seed=4, magnification_range=(magnification, magnification), **still)
+        _, targets, _ = synthesiser.next_batch(4)
+        sizes[magnification] = targets.flatten(1).sum(1).float()  # each a 6^3 block of label 4, whole in the crop
+    assert torch.allclose(sizes[2.0] / sizes[1.0], torch.full((4,), 8.0), rtol=0.35)
 
 
 def test_a_fixed_seed_gives_the_same_batch(cache):

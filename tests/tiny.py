@@ -8,11 +8,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from lib.imaging import MODEL_SPACING_MM, ModelSpaceImage, load_volume
 from lib.model.builder import build_mais
 from lib.model.config import EncoderConfig, MaisConfig
 
-# A 30^3 image of 4 mm voxels is 80^3 in model space: one crop window holds all of it, so no click opens a
-# second window and a session runs one step per click.
+# A 30^3 image of 4 mm voxels; `box_image` sees it at 1.5 mm, 80^3 voxels: one crop window holds all of it, so no
+# click opens a second window and a session runs one step per click. (At the 0.75 mm the server would choose it is
+# 160^3, more than a window.)
 IMAGE_SHAPE = (30, 30, 30)
 OBJECT = (slice(10, 20), slice(12, 22), slice(8, 18))  # a bright box, the structure to segment
 INSIDE = (15, 17, 13)  # a voxel of it
@@ -32,6 +34,11 @@ def write_box_image(path: Path) -> Path:
     volume[OBJECT] += 200.0
     nib.save(nib.Nifti1Image(volume, np.diag([4.0, 4.0, 4.0, 1.0])), path)
     return path
+
+
+def box_image(path: Path) -> ModelSpaceImage:
+    """The image written to `path`, in a model space of 1.5 mm voxels (the module's comment says why)."""
+    return ModelSpaceImage(load_volume(str(write_box_image(path))), spacing_mm=MODEL_SPACING_MM)
 
 
 def box_truth() -> np.ndarray:

@@ -1,12 +1,21 @@
 """From an image file to the model's space and back: the geometry every click and mask goes through.
 
-Model space is what SAM-Med3D was trained on: RAS orientation, 1.5 mm isotropic voxels, z-normalised intensities
+Model space is what SAM-Med3D was trained on: RAS orientation, isotropic voxels (below), z-normalised intensities
 (CT clamped to [-1000, 1000] HU first), and 128^3 crops of it. Clicks arrive as integer voxel indices `[i, j, k]`
 of the ORIGINAL file (i = fastest axis, MONAI's array order before any reorientation) and are mapped through the
 real affines, never by flipping indices, so they land right on non-RAS and anisotropic images (MONAI Label
 issue #1407). Results are resampled back onto the exact original grid.
 
-A small image is seen finer: an image whose field of view is at most half a 1.5 mm window along every axis (a
+Model space is finer than SAM-Med3D's 1.5 mm where memory allows: at 1.5 mm a 15 mm structure (an amygdala,
+a lesion) is under one of the encoder's 24 mm patches and 2-3 of the decoder's 6 mm cells, which caps what any
+click can fix (a perfect prediction on the decoder's grid reaches Dice 0.56-0.63 on Colin27's amygdalae).
+Measured with the same weights on the 14 held-out real structures of Colin27, brain2 and lung2
+(benchmarks/results/generalist/README.md): mean Dice after 10 clicks 0.51 at 1.5 mm, 0.63 at 1.0 mm, 0.68 at
+0.75 mm, 0.63 at 0.5 mm (the window then covers too little of a large structure). So an image is resampled to
+DETAIL_SPACING_MM (0.75 mm), or as fine as MAX_MODEL_VOXELS allows for a large field of view
+(`model_spacing_mm`; a 36 x 36 x 37 cm CT gets 1.26 mm), never coarser than 1.5 mm.
+
+A small image is seen finer still: an image whose field of view is at most half a 1.5 mm window along every axis (a
 cropped region such as breast1, 30 x 80 x 44 mm) would fill under 1/8 of the window, the rest padding, and its
 lesions would be one or two of the mask decoder's 6 mm cells (measured: the breast1 lesion got Dice 0.004, the
 mask being the whole image block). Such an image is resampled to FINE_SPACING_MM voxels instead
@@ -32,6 +41,10 @@ CROP_SIZE = 128
 FINE_SPACING_MM = MODEL_SPACING_MM / 4
 # Images no larger than this along every axis (half a 1.5 mm window) are small (module docstring).
 SMALL_IMAGE_MM = CROP_SIZE * MODEL_SPACING_MM / 2
+# Model space's voxel for an image of ordinary size (module docstring), and how many voxels its resampled copy
+# may have before the voxel grows (96 MB of float32 image shared by its sessions, 48 MB of float16 logits each).
+DETAIL_SPACING_MM = MODEL_SPACING_MM / 2
+MAX_MODEL_VOXELS = 24 * 2**20
 # A click closer than this to a crop face (model voxels) gets a crop centred on it instead: the network sees
 # too little context around a click at the very edge of its window.
 CROP_MARGIN = 16
@@ -98,11 +111,15 @@ def normalise_intensity(volume: Tensor) -> Tensor:
 
 
 def model_spacing_mm(original: MetaTensor) -> float:
-    """The model space's voxel size for an image [1, I, J, K]: FINE_SPACING_MM for a small image, else 1.5 mm."""
+    """The model space's voxel size for an image [1, I, J, K]: FINE_SPACING_MM for a small image, else
+    DETAIL_SPACING_MM, coarser where the field of view would need more than MAX_MODEL_VOXELS, at most 1.5 mm."""
     affine = original.affine.double().numpy()
     corners_mm = _transform(affine, _box_corners(np.zeros(3), np.asarray(original.shape[1:]) - 1))
     extent_mm = np.ptp(corners_mm, axis=0) + np.abs(affine[:3, :3]).sum(1)  # centre to centre, plus one voxel
-    return FINE_SPACING_MM if np.all(extent_mm <= SMALL_IMAGE_MM) else MODEL_SPACING_MM
+    if np.all(extent_mm <= SMALL_IMAGE_MM):
+        return FINE_SPACING_MM
+    spacing = max(DETAIL_SPACING_MM, float(np.prod(extent_mm) / MAX_MODEL_VOXELS) ** (1 / 3))
+    return min(round(spacing, 3), MODEL_SPACING_MM)
 
 
 def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

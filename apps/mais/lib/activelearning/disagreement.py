@@ -27,7 +27,7 @@ from lib.model.mais import Mais
 @dataclass(frozen=True)
 class ProbeConfig:
     probes: int = 4  # automatic first clicks per image
-    offset_voxels: int = 3  # how far the repeated clicks move (model voxels of 1.5 mm), +/- along each axis
+    offset_voxels: int = 3  # how far the repeated clicks move (model voxels), +/- along each axis
     seed: int = 0
 
 

@@ -4,11 +4,12 @@
         --extra ../../sample-data/breast1.nii.gz=../../tests/data/breast1_lesion_label.nii.gz \\
         --weights model/mais_light.pt other.pt@none=baseline --rules center,random,noisy --out results/
 
-Writes to --out: `dice_per_click.csv` (one row per model, rule, structure and click), `summary.json` (per model
-and rule: mean Dice per click, NoC@80/85/90, mean seconds per click, per-structure curves) and `summary.md`
-(the table the README shows). `python -m lib.evaluation.plot` draws the Dice-vs-clicks PNG from summary.json.
-A weights argument may carry a memory-mode override and a name: `path[@mode][=name]`; the pseudo-weights
-`region_growing` is the classical baseline (lib.evaluation.region_growing) on the same clicks.
+Writes to --out: `dice_per_click.csv` (one row per model, rule, structure and click), `summary.json` (the model
+space's voxel size per image; per model and rule: mean Dice per click, NoC@80/85/90, mean seconds per click,
+per-structure curves) and `summary.md` (the table the README shows). `python -m lib.evaluation.plot` draws the
+Dice-vs-clicks PNG from summary.json. A weights argument may carry a memory-mode override and a name:
+`path[@mode][=name]`; the pseudo-weights `region_growing` is the classical baseline
+(lib.evaluation.region_growing) on the same clicks.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def cases(args) -> list[tuple[str, ModelSpaceImage, dict[str, np.ndarray], Path]
             if index and (not wanted or structure in wanted) and (labels == index).sum() >= MIN_VOXELS
         }
         if truths:
-            result.append((name, ModelSpaceImage.from_file(str(image_path)), truths, Path(image_path)))
+            image = ModelSpaceImage(load_volume(str(image_path)), spacing_mm=args.spacing_mm)
+            result.append((name, image, truths, Path(image_path)))
     return result
 
 
@@ -116,10 +118,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--labels", type=Path, help="label map JSON (default: the sample labels)")
     parser.add_argument("--rules", default="center", help=f"comma-separated click presets of {sorted(CLICK_PRESETS)}")
     parser.add_argument("--clicks", type=int, default=10)
+    parser.add_argument(
+        "--spacing-mm",
+        type=float,
+        help="resample every image to this voxel size (default: the server's choice, lib.imaging.model_spacing_mm)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.spacing_mm is not None and args.spacing_mm <= 0:
+        parser.error(f"--spacing-mm must be positive, got {args.spacing_mm}")
     logging.basicConfig(level=logging.WARNING)
     rules = args.rules.split(",")
     unknown = set(rules) - set(CLICK_PRESETS)
@@ -130,7 +139,12 @@ def main(argv=None) -> dict:
     if not data:
         parser.error("no labelled structure matches --studies/--extra/--images/--structures")
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"clicks": args.clicks, "cases": {name: sorted(truths) for name, _, truths, _ in data}, "models": {}}
+    summary = {
+        "clicks": args.clicks,
+        "cases": {name: sorted(truths) for name, _, truths, _ in data},
+        "spacing_mm": {name: image.spacing_mm for name, image, _, _ in data},
+        "models": {},
+    }
     rows = []
     total = len(args.weights) * len(rules) * sum(len(truths) for _, _, truths, _ in data)
     with tqdm(total=total, desc="structures", unit="structure") as progress:

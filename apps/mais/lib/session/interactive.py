@@ -4,7 +4,7 @@ Each click is one interaction step (`lib.model.interaction`, the step the traini
 order: the step sees every click inside the crop window so far (only the new click when the model's
 config.prompt_clicks is "latest"), the window's previous low-res logits and the window's memory bank of earlier
 steps. A click far from the current window (or outside it) opens a window centred on it, seeded with the mask
-predicted so far, so a structure larger than one 128^3 crop (192 mm) is segmented window by window instead of
+predicted so far, so a structure larger than one 128^3 crop (96 mm at 0.75 mm) is segmented window by window instead of
 being cut at the crop border.
 
 A request brings the segment's full click history: `apply` reconciles it with the clicks the session has
@@ -35,7 +35,7 @@ from lib.model.interaction import InteractionState
 LOW_RES_SIZE = 32  # the mask decoder's output grid (128 / 4)
 # A mask with fewer voxels than this on a window face is a touch, not a structure running on: not followed.
 MIN_BORDER_VOXELS = 20
-# The point that seeds a neighbouring window sits this deep inside the face (model voxels, 1.5 mm), where the
+# The point that seeds a neighbouring window sits this deep inside the face (model voxels), where the
 # mask is still well defined.
 BORDER_POINT_DEPTH = 4
 

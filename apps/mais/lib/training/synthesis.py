@@ -1,7 +1,8 @@
 """Domain-randomised training crops drawn on the GPU from label maps (SynthSeg's idea) and real image/label pairs.
 
-A sample is one CROP_SIZE^3 crop of model space (1.5 mm) with a click target:
-- geometry: random flip, affine (scale, rotation, shear) and a smooth random deformation (a coarse random
+A sample is one CROP_SIZE^3 crop of model space (0.75-1.5 mm voxels, as served) with a click target:
+- geometry: random flip, affine (scale, rotation, shear, magnification of the cache's 1.5 mm) and a smooth random
+  deformation (a coarse random
   displacement field, upsampled), all in ONE sampling grid, so a label map is resampled once (nearest: labels
   stay labels) and a real image with the same grid (linear);
 - intensity (label maps): every label a Gaussian of random mean and std, MR-like (0-255, with bias field and
@@ -43,7 +44,7 @@ CENTRE_SAMPLES = 16
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """Ranges the synthesiser draws from; lengths in voxels of model space (1.5 mm) unless named otherwise."""
+    """Ranges the synthesiser draws from; lengths in output voxels unless named otherwise."""
 
     size: int = CROP_SIZE
     mode_weights: tuple[float, float, float] = (0.75, 0.15, 0.10)  # label map, real pair, pseudo-object
@@ -51,6 +52,9 @@ class SynthesisConfig:
     # geometry (SynthSeg's defaults: scaling +-0.2, rotation +-15 degrees, shearing +-0.012)
     flip_probability: float = 0.5  # per axis
     scale_range: float = 0.2
+    # Crops are drawn this much finer than the cache's 1.5 mm voxels (log-uniform): serving resamples most images
+    # to 0.75-1.5 mm (lib.imaging.model_spacing_mm), where a structure spans up to twice as many voxels.
+    magnification_range: tuple[float, float] = (1.0, 2.0)
     rotation_degrees: float = 15.0
     shear_range: float = 0.012
     deformation_cells: int = 8  # coarse grid of the displacement field, per axis
@@ -81,6 +85,9 @@ class SynthesisConfig:
     def __post_init__(self) -> None:
         if self.size % 2:
             raise ValueError(f"size must be even, got {self.size}")
+        low, high = self.magnification_range
+        if not 0 < low <= high:
+            raise ValueError(f"magnification_range must be 0 < low <= high, got {self.magnification_range}")
         for name in ("mode_weights", "target_weights"):
             weights = getattr(self, name)
             if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
@@ -473,7 +480,8 @@ def _resample(volume: Tensor, grid: Tensor, mode: str) -> Tensor:
 
 
 def random_affine(host: torch.Generator, config: SynthesisConfig) -> np.ndarray:
-    """[3, 3] output-voxel step -> source-voxel step: flips, rotation, scaling and shear drawn from config."""
+    """[3, 3] output-voxel step -> source-voxel step: flips, rotation, scaling, shear and magnification drawn from
+    config."""
 
     def uniform(bound: float, shape: tuple[int, ...]) -> np.ndarray:
         return ((torch.rand(shape, generator=host, dtype=torch.float64) * 2 - 1) * bound).numpy()
@@ -489,7 +497,9 @@ def random_affine(host: torch.Generator, config: SynthesisConfig) -> np.ndarray:
     shear = np.eye(3) + uniform(config.shear_range, (3, 3)) * (1 - np.eye(3))  # off-diagonal terms only
     scale = np.diag(1.0 + uniform(config.scale_range, (3,)))
     flips = np.diag(np.where(torch.rand(3, generator=host).numpy() < config.flip_probability, -1.0, 1.0))
-    return rotation @ shear @ scale @ flips
+    low, high = np.log(config.magnification_range)
+    magnification = math.exp(low + (high - low) * float(torch.rand((), generator=host, dtype=torch.float64)))
+    return rotation @ shear @ scale @ flips / magnification
 
 
 def mr_profile(host: torch.Generator, config: SynthesisConfig) -> tuple[Tensor, Tensor]:
