@@ -71,6 +71,26 @@ def test_a_click_outside_the_image_creates_no_session(infer, image_file):
     assert len(infer.sessions) == 0
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["NaN", "Inf"])
+@pytest.mark.parametrize("everywhere", [False, True], ids=["one voxel", "every voxel"])
+def test_an_image_with_voxels_that_are_not_finite_is_refused(infer, tmp_path, bad, everywhere):
+    """A NaN or an infinity would spread through the normalisation into every voxel's intensity: 422 naming the
+    problem, instead of a silently wrong mask."""
+    volume = nib.load(write_box_image(tmp_path / "box.nii.gz")).get_fdata().astype(np.float32)
+    if everywhere:
+        volume[:] = bad
+    else:
+        volume[3, 4, 5] = bad
+    path = tmp_path / "not_finite.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.diag([4.0, 4.0, 4.0, 1.0])), path)
+    with pytest.raises(HTTPException) as error:
+        infer(slicer(path, "lesion", [INSIDE]))
+    count = volume.size if everywhere else 1
+    assert error.value.status_code == 422
+    assert f"{count} of {volume.size} voxels that are NaN or infinite" in error.value.detail
+    assert len(infer.sessions) == 0
+
+
 @pytest.mark.parametrize("damage", ["deleted", "corrupt"])
 def test_unusable_published_weights_answer_503_naming_the_file(infer, settings, image_file, damage):
     settings.train_dir.mkdir()

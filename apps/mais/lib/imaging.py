@@ -58,7 +58,7 @@ BACKGROUND_LOGIT = -20.0
 
 
 class VolumeError(ValueError):
-    """The image cannot be segmented (not 3D, unreadable); the message says why."""
+    """The image cannot be segmented (not 3D, unreadable, not finite); the message says why."""
 
 
 def load_volume(path: str) -> MetaTensor:
@@ -72,6 +72,13 @@ def load_volume(path: str) -> MetaTensor:
         raise VolumeError(f"MAIS segments 3D volumes; this image has shape {shape} ({len(shape)}D)")
     if min(volume.shape[1:]) < 2:
         raise VolumeError(f"MAIS segments 3D volumes; this image has shape {tuple(volume.shape[1:])}")
+    # a NaN or an infinity spreads through the normalisation into every voxel: the mask would be silently wrong
+    not_finite = int((~torch.isfinite(volume)).sum())
+    if not_finite:
+        raise VolumeError(
+            f"image {path} has {not_finite} of {volume.numel()} voxels that are NaN or infinite; "
+            "MAIS needs finite intensities"
+        )
     return volume
 
 

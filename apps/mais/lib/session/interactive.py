@@ -4,8 +4,8 @@ Each click is one interaction step (`lib.model.interaction`, the step the traini
 order: the step sees every click inside the crop window so far (only the new click when the model's
 config.prompt_clicks is "latest"), the window's previous low-res logits and the window's memory bank of earlier
 steps. A click far from the current window (or outside it) opens a window centred on it, seeded with the mask
-predicted so far, so a structure larger than one 128^3 crop (96 mm at 0.75 mm) is segmented window by window instead of
-being cut at the crop border.
+predicted so far, so a structure larger than one 128^3 crop (96 mm at 0.75 mm) is segmented window by window
+instead of being cut at the crop border.
 
 A request brings the segment's full click history: `apply` reconciles it with the clicks the session has
 applied (`lib.clicks.history`), `advance` takes it already ordered (the session store orders it, see

@@ -2,9 +2,8 @@
 
 A sample is one CROP_SIZE^3 crop of model space (0.75-1.5 mm voxels, as served) with a click target:
 - geometry: random flip, affine (scale, rotation, shear, magnification of the cache's 1.5 mm) and a smooth random
-  deformation (a coarse random
-  displacement field, upsampled), all in ONE sampling grid, so a label map is resampled once (nearest: labels
-  stay labels) and a real image with the same grid (linear);
+  deformation (a coarse random displacement field, upsampled), all in ONE sampling grid, so a label map is
+  resampled once (nearest: labels stay labels) and a real image with the same grid (linear);
 - intensity (label maps): every label a Gaussian of random mean and std, MR-like (0-255, with bias field and
   gamma) or CT-like (Hounsfield units, air around), with labels sometimes sharing their neighbour's intensity
   (generation classes: no edge between them, so only the clicks can say where the target ends); then partial
