@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib.activelearning.disagreement import click_disagreement
-from lib.clicks.history import common_prefix, reconcile
+from lib.clicks.history import common_prefix
 from lib.clicks.simulator import NEGATIVE, POSITIVE, Click, first_click, next_click
 from lib.evaluation.interactive import evaluate_structure
 from lib.model.interaction import InteractionState, prompt_points
@@ -173,42 +173,46 @@ def test_a_sessions_bytes_count_everything_it_holds_its_windows_included(model, 
 # ------------------------------------------------------------------------------------------- click history
 
 
-def test_reconcile_runs_only_new_clicks_positives_first():
+def test_new_clicks_come_after_the_applied_ones_positives_first():
     applied = [Click((1, 1, 1), POSITIVE), Click((2, 2, 2), NEGATIVE)]
-    update = reconcile(applied, [(1, 1, 1), (3, 3, 3)], [(2, 2, 2), (4, 4, 4)])
-    assert update.replay is None
-    assert update.new == [Click((3, 3, 3), POSITIVE), Click((4, 4, 4), NEGATIVE)]
+    prefix, rest = common_prefix(applied, [(1, 1, 1), (3, 3, 3)], [(2, 2, 2), (4, 4, 4)])
+    assert prefix == applied
+    assert rest == [Click((3, 3, 3), POSITIVE), Click((4, 4, 4), NEGATIVE)]
 
 
-def test_reconcile_replays_when_a_click_disappeared():
+def test_after_a_removed_click_the_request_orders_the_rest():
     applied = [Click((1, 1, 1), POSITIVE), Click((2, 2, 2), NEGATIVE), Click((5, 5, 5), POSITIVE)]
-    update = reconcile(applied, [(5, 5, 5), (6, 6, 6)], [(2, 2, 2)])
-    # kept clicks keep their arrival order, whatever the request's order; the new one comes after
-    assert update.new == [] and update.replay == [applied[1], applied[2], Click((6, 6, 6), POSITIVE)]
+    prefix, rest = common_prefix(applied, [(5, 5, 5), (6, 6, 6)], [(2, 2, 2)])
+    # the first click was undone: no prefix is left, and the rest comes positives first, as for a newcomer
+    assert prefix == [] and rest == [applied[2], Click((6, 6, 6), POSITIVE), applied[1]]
 
 
-def test_reconcile_counts_a_click_placed_twice_twice():
+def test_after_an_undo_a_session_replays_what_a_newcomer_with_that_request_gets(model, image):
+    """The session orders a request as the session store does (`common_prefix`): when the first click is removed,
+    nothing of the applied order is a prefix any more, so the rest replays positives first, as for a newcomer."""
+    session = InteractiveSession(image, model)
+    positive, negative, later = INSIDE, (5, 5, 5), (16, 18, 14)
+    session.apply([positive], [])
+    session.apply([positive], [negative])
+    session.apply([positive, later], [negative])
+    update = session.apply([later], [negative])
+    assert update.steps_run == 2
+    assert session.clicks == [Click(later, POSITIVE), Click(negative, NEGATIVE)]
+    newcomer = InteractiveSession(image, model)
+    newcomer.apply([later], [negative])
+    np.testing.assert_array_equal(session.mask, newcomer.mask)
+
+
+def test_a_click_placed_twice_counts_twice():
     applied = [Click((1, 1, 1), POSITIVE)]
-    assert reconcile(applied, [(1, 1, 1), (1, 1, 1)], []).new == [Click((1, 1, 1), POSITIVE)]
-    assert reconcile(applied * 2, [(1, 1, 1)], []).replay == applied
+    assert common_prefix(applied, [(1, 1, 1), (1, 1, 1)], []) == (applied, applied)
+    assert common_prefix(applied * 2, [(1, 1, 1)], []) == (applied, [])
 
 
-def test_common_prefix_keeps_the_applied_order_until_a_click_is_missing():
-    applied = [Click((1, 1, 1), POSITIVE), Click((2, 2, 2), NEGATIVE), Click((5, 5, 5), POSITIVE)]
-    # the request's lists carry no order between them: the applied clicks give it, as far as the request has them
-    assert common_prefix(applied, [(1, 1, 1), (5, 5, 5), (6, 6, 6)], [(2, 2, 2)]) == (
-        applied,
-        [Click((6, 6, 6), POSITIVE)],
-    )
-    prefix, rest = common_prefix(applied, [(1, 1, 1), (5, 5, 5)], [(7, 7, 7)])
-    assert prefix == applied[:1] and rest == [Click((5, 5, 5), POSITIVE), Click((7, 7, 7), NEGATIVE)]
-    assert common_prefix([], [(1, 1, 1)], [(2, 2, 2)])[0] == []
-
-
-def test_reconcile_of_an_identical_history_does_nothing():
+def test_an_identical_history_adds_nothing():
     applied = [Click((1, 1, 1), POSITIVE), Click((2, 2, 2), NEGATIVE)]
-    update = reconcile(applied, [(1, 1, 1)], [(2, 2, 2)])
-    assert update.new == [] and update.replay is None
+    assert common_prefix(applied, [(1, 1, 1)], [(2, 2, 2)]) == (applied, [])
+    assert common_prefix([], [(1, 1, 1)], [(2, 2, 2)]) == ([], [Click((1, 1, 1), POSITIVE), Click((2, 2, 2), NEGATIVE)])
 
 
 # -------------------------------------------------------------------------------------------- session store

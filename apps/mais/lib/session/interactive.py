@@ -7,9 +7,9 @@ steps. A click far from the current window (or outside it) opens a window centre
 predicted so far, so a structure larger than one 128^3 crop (96 mm at 0.75 mm) is segmented window by window
 instead of being cut at the crop border.
 
-A request brings the segment's full click history: `apply` reconciles it with the clicks the session has
-applied (`lib.clicks.history`), `advance` takes it already ordered (the session store orders it, see
-`lib.session.store`); either runs only the new clicks. Undo and lost state are the same operation: a history
+A request brings the segment's full click history: `apply` orders it by the clicks the session has applied
+(`lib.clicks.history.common_prefix`, as the session store does before `advance`, which takes it ordered); either
+runs only the new clicks. Undo and lost state are the same operation: a history
 that does not begin with the applied clicks is replayed from scratch, which is also what happens after a server
 restart or on another replica, because clients resend their full history with every request.
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lib.clicks.history import Voxel, reconcile
+from lib.clicks.history import Voxel, common_prefix
 from lib.clicks.simulator import Click
 from lib.imaging import BACKGROUND_LOGIT, CROP_MARGIN, CROP_SIZE, CropWindow, ModelSpaceImage
 from lib.model.interaction import InteractionState
@@ -95,9 +95,8 @@ class InteractiveSession:
         """Bring the session up to a request's full click history (original voxels [i, j, k], each list in
         arrival order): only clicks not yet applied run, unless a click was removed (then the rest is replayed).
         reset starts afresh first."""
-        applied = [] if reset else self.clicks
-        update = reconcile(applied, positives, negatives)
-        return self.advance(update.replay if update.replay is not None else applied + update.new, reset)
+        prefix, rest = common_prefix([] if reset else self.clicks, positives, negatives)
+        return self.advance(prefix + rest, reset)
 
     def advance(self, history: list[Click], reset: bool = False) -> SessionUpdate:
         """Bring the session to `history`, all its clicks in arrival order: the clicks beyond the applied ones run
