@@ -9,7 +9,7 @@ issue #1407). Results are resampled back onto the exact original grid.
 Model space is finer than SAM-Med3D's 1.5 mm where memory allows: at 1.5 mm a 15 mm structure (an amygdala,
 a lesion) is under one of the encoder's 24 mm patches and 2-3 of the decoder's 6 mm cells, which caps what any
 click can fix (a perfect prediction on the decoder's grid reaches Dice 0.56-0.63 on Colin27's amygdalae).
-Measured with the same weights on the 14 held-out real structures of Colin27, brain2 and lung2
+Measured with one set of weights (generalist run 5) on the 14 held-out real structures of Colin27, brain2, lung2
 (benchmarks/results/generalist/README.md): mean Dice after 10 clicks 0.51 at 1.5 mm, 0.63 at 1.0 mm, 0.68 at
 0.75 mm, 0.63 at 0.5 mm (the window then covers too little of a large structure). So an image is resampled to
 DETAIL_SPACING_MM (0.75 mm), or as fine as MAX_MODEL_VOXELS allows for a large field of view
