@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from lib.imaging import MODEL_SPACING_MM, ModelSpaceImage, load_volume
+from lib.imaging import MODEL_SPACING_MM, ModelSpaceImage
 from lib.model.builder import build_mais
 from lib.model.config import EncoderConfig, MaisConfig
 
@@ -38,7 +38,7 @@ def write_box_image(path: Path) -> Path:
 
 def box_image(path: Path) -> ModelSpaceImage:
     """The image written to `path`, in a model space of 1.5 mm voxels (the module's comment says why)."""
-    return ModelSpaceImage(load_volume(str(write_box_image(path))), spacing_mm=MODEL_SPACING_MM)
+    return ModelSpaceImage.from_file(str(write_box_image(path)), spacing_mm=MODEL_SPACING_MM)
 
 
 def box_truth() -> np.ndarray:

@@ -228,8 +228,9 @@ class ModelSpaceImage:
         self._model_to_original = torch.linalg.inv(self._original_to_model)
 
     @classmethod
-    def from_file(cls, path: str) -> ModelSpaceImage:
-        return cls(load_volume(path))
+    def from_file(cls, path: str, spacing_mm: float | None = None) -> ModelSpaceImage:
+        """The image file at `path` in model space (`spacing_mm` as in the constructor)."""
+        return cls(load_volume(path), spacing_mm)
 
     @property
     def shape(self) -> tuple[int, int, int]:

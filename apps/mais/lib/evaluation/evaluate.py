@@ -62,7 +62,7 @@ def cases(args) -> list[tuple[str, ModelSpaceImage, dict[str, np.ndarray], Path]
             if index and (not wanted or structure in wanted) and (labels == index).sum() >= MIN_VOXELS
         }
         if truths:
-            image = ModelSpaceImage(load_volume(str(image_path)), spacing_mm=args.spacing_mm)
+            image = ModelSpaceImage.from_file(str(image_path), spacing_mm=args.spacing_mm)
             result.append((name, image, truths, Path(image_path)))
     return result
 

@@ -9,9 +9,9 @@ instead of being cut at the crop border.
 
 A request brings the segment's full click history: `apply` orders it by the clicks the session has applied
 (`lib.clicks.history.common_prefix`, as the session store does before `advance`, which takes it ordered); either
-runs only the new clicks. Undo and lost state are the same operation: a history
-that does not begin with the applied clicks is replayed from scratch, which is also what happens after a server
-restart or on another replica, because clients resend their full history with every request.
+runs only the new clicks. Undo and lost state are the same operation: a history that does not begin with the
+applied clicks is replayed from scratch, which is also what happens after a server restart or on another replica,
+because clients resend their full history with every request.
 
 Click coordinates here are voxel indices [i, j, k] of the ORIGINAL image file.
 """
