@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One generalist training run on the device tool: the whole network, continued from the shipped weights, on
-# samples synthesised on the GPU from the label-map cache (90%, magnified 1-2x to the voxels serving uses) and
+# samples synthesised on the GPU from the label-map cache (90%, magnified 1-4x to the voxels serving uses) and
 # synthetic shapes (10%), mixed click rules. Without the full-resolution refinement head since run 7: runs 4-6
 # trained one (`--refinement`), it added nothing measurable and the shipped file dropped it. Every run is a warm
 # restart from the committed weights (apps/mais/model/mais_light.pt, fp16): a fresh AdamW and a learning rate

@@ -87,7 +87,10 @@ def test_deformation_keeps_labels_as_labels(cache):
 
 
 def test_a_union_target_is_touching_labels_and_a_component_one_part(cache):
-    synthesiser = _synthesiser(cache, seed=5, mode_weights=(1.0, 0.0, 0.0), target_weights=(0.0, 1.0, 1.0))
+    # at most 2x magnified, one 6-voxel block stays under 20 voxels across while the two blocks' span does not
+    synthesiser = _synthesiser(
+        cache, seed=5, mode_weights=(1.0, 0.0, 0.0), target_weights=(0.0, 1.0, 1.0), magnification_range=(1.0, 2.0)
+    )
     unions = components = 0
     for _ in range(4):
         _, targets, names, labels = synthesiser.next_batch(4, return_labels=True)

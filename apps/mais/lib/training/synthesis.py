@@ -1,6 +1,6 @@
 """Domain-randomised training crops drawn on the GPU from label maps (SynthSeg's idea) and real image/label pairs.
 
-A sample is one CROP_SIZE^3 crop of model space (0.75-1.5 mm voxels, as served) with a click target:
+A sample is one CROP_SIZE^3 crop of model space (0.375-1.5 mm voxels, as served) with a click target:
 - geometry: random flip, affine (scale, rotation, shear, magnification of the cache's 1.5 mm) and a smooth random
   deformation (a coarse random displacement field, upsampled), all in ONE sampling grid, so a label map is
   resampled once (nearest: labels stay labels) and a real image with the same grid (linear);
@@ -52,8 +52,9 @@ class SynthesisConfig:
     flip_probability: float = 0.5  # per axis
     scale_range: float = 0.2
     # Crops are drawn this much finer than the cache's 1.5 mm voxels (log-uniform): serving resamples most images
-    # to 0.75-1.5 mm (lib.imaging.model_spacing_mm), where a structure spans up to twice as many voxels.
-    magnification_range: tuple[float, float] = (1.0, 2.0)
+    # to 0.75-1.5 mm and small ones to 0.375 mm (lib.imaging.model_spacing_mm), where a structure spans up to four
+    # times as many voxels (runs 7-9 drew 1-2x and missed the small images' scale: breast1's first click fell).
+    magnification_range: tuple[float, float] = (1.0, 4.0)
     rotation_degrees: float = 15.0
     shear_range: float = 0.012
     deformation_cells: int = 8  # coarse grid of the displacement field, per axis
