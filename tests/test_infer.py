@@ -267,17 +267,6 @@ def test_unknown_image_is_404(server):
     assert response.status_code == 404, response.text
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (32, 32, 16, 3)], ids=["2D", "4D"])
-def test_non_3d_images_get_422(server, client, tmp_path, shape):
-    path = tmp_path / f"image_{len(shape)}d.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=shape).astype(np.float32), np.eye(4)), path)
-    image_id = f"bad_{len(shape)}d"
-    upload(client, path, image_id)
-    response = post_infer(server.url, image_id, {"lesion": [[1, 1, 1]], "label": "lesion"})
-    assert response.status_code == 422, response.text
-    assert "3D" in response.json()["detail"]
-
-
 def test_session_bounds_from_conf_evict_without_failing(studies, tmp_path, brain1_lesion):
     """--conf max_sessions bounds the store; an evicted user is rebuilt by replay. (Expiry after session_ttl_s is
     tested with the store's own clock in test_session_unit.py, without waiting.)"""

@@ -91,6 +91,17 @@ def test_an_image_with_voxels_that_are_not_finite_is_refused(infer, tmp_path, ba
     assert len(infer.sessions) == 0
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (32, 32, 16, 3)], ids=["2D", "4D"])
+def test_an_image_that_is_not_3d_is_refused(infer, tmp_path, shape):
+    """An upload is checked before it is stored (test_upload.py); a file copied into the studies folder is not."""
+    path = tmp_path / "not_3d.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=shape).astype(np.float32), np.eye(4)), path)
+    with pytest.raises(HTTPException) as error:
+        infer(slicer(path, "lesion", [[1, 1, 1]]))
+    assert error.value.status_code == 422 and f"({len(shape)}D)" in error.value.detail
+    assert len(infer.sessions) == 0
+
+
 @pytest.mark.parametrize("damage", ["deleted", "corrupt"])
 def test_unusable_published_weights_answer_503_naming_the_file(infer, settings, image_file, damage):
     settings.train_dir.mkdir()

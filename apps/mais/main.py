@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -23,6 +24,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib.activelearning.tasks import DisagreementScoring, MostUncertain
 from lib.configs.app_settings import AppConfigError, AppSettings
 from lib.datastore.dicomweb import MaisDICOMWebDatastore
+from lib.datastore.local import MaisLocalDatastore
 from lib.infers.mais import REQUESTED_IMAGE_KEY, MaisInfer
 from lib.model.weights import WeightsError
 from lib.model_loader import ModelLoader
@@ -74,6 +76,8 @@ class MaisApp(MONAILabelApp):
         if type(datastore) is DICOMWebDatastore:  # --studies http(s)://.../dicom-web (not XNAT or DSA)
             # final labels go to the PACS as DICOM SEG through pydicom-seg instead of dcmqi (lib/datastore)
             return MaisDICOMWebDatastore.adopt(datastore, self.label_map)
+        if type(datastore) is LocalDatastore:  # --studies <folder>: uploads are checked before they are stored
+            return MaisLocalDatastore.adopt(datastore)
         return datastore
 
     def _download_dcmqi_tools(self) -> None:
