@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -175,19 +177,74 @@ def test_low_resolution_is_flat_along_a_thick_slice_axis():
     torch.testing.assert_close(thick.diff(dim=2), image.diff(dim=2))  # within a slice: untouched
 
 
-def test_the_cache_of_the_shared_data_keeps_held_out_subjects_and_classes_out_of_training(tmp_path):
-    """Built from ../shared/data (every developer and CI machine has it) unless data-cache/ already holds it."""
-    cache_file = REPO / "data-cache" / "training_cache.npz"
-    if not cache_file.is_file():
-        shared_data = REPO.parent / "shared" / "data"
-        if not (shared_data / "manifest.json").is_file():
-            pytest.skip(f"neither {cache_file} nor {shared_data} is here")
-        cache_file = tmp_path / "training_cache.npz"
-        build_training_cache.main(["--data", str(shared_data), "--out", str(cache_file)])
+def _shared_data_like(root: Path) -> Path:
+    """A folder laid out as ../shared/data (manifest.json and its files, tiny volumes): every held-out subject of
+    build_training_cache, one training subject with FreeSurfer's amygdala (18) beside a hippocampus (17), and one
+    map of a set whose licence does not allow shipped weights."""
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+
+    def label_map(relative: str, values: tuple[int, ...]) -> str:
+        labels = np.zeros((12, 12, 12), dtype=np.int16)
+        for n, value in enumerate(values):
+            labels[2 + 3 * n : 4 + 3 * n, 3:9, 3:9] = value
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(labels, affine), root / relative)
+        return relative
+
+    source = {"repo": "test", "path": "generated", "commit": "0" * 40}
+    manifest = []
+    for relative in build_training_cache.HELD_OUT_FILES:
+        set_name = relative.split("/")[1]
+        if relative.startswith("pairs/"):
+            label = label_map(relative.replace("_image", "_label"), (1,))
+            image = label_map(relative, (50,))
+            manifest.append(
+                {
+                    "set": set_name,
+                    "kind": "image_label_pair",
+                    "licence": "MIT",
+                    "label": label,
+                    "label_sources": [],
+                    "image": {"file": image, "source": source},
+                }
+            )
+        else:
+            manifest.append(
+                {
+                    "set": set_name,
+                    "kind": "label_map",
+                    "licence": "Apache-2.0",
+                    "file": label_map(relative, (2, 3)),
+                    "source": source,
+                }
+            )
+    for set_name, licence, relative in (
+        ("synthseg", "Apache-2.0", "label_maps/synthseg/subject01_seg.nii.gz"),
+        ("synthsr", "unknown", "label_maps/synthsr/subject01.nii.gz"),
+    ):
+        file = label_map(relative, (17, 18, 2))
+        manifest.append({"set": set_name, "kind": "label_map", "licence": licence, "file": file, "source": source})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_the_training_cache_keeps_held_out_subjects_classes_and_unknown_licences_out_of_training(tmp_path):
+    cache_file = tmp_path / "training_cache.npz"
+    build_training_cache.main(["--data", str(_shared_data_like(tmp_path / "data")), "--out", str(cache_file)])
     train = TrainingCache.load(cache_file, split="train")
-    assert all(not v.info["held_out"] and not v.info["validation_only"] for v in train.volumes)
-    amygdala = [v for v in train.volumes if v.info["set"] == "synthseg" and 18 in v.info["values"]]
-    assert amygdala and all(v.info["values"].index(18) + 1 in v.held_out for v in amygdala)
+    validation = TrainingCache.load(cache_file, split="validation")
+    held_out_subjects = {Path(f).name.split(".")[0] for f in build_training_cache.HELD_OUT_FILES}
+    assert not {v.name.split(":")[1] for v in train.volumes} & held_out_subjects
+    assert {v.name.split(":")[1] for v in validation.volumes} >= held_out_subjects
+    # the synthsr map (licence unknown) validates, never trains
+    assert not any(v.info["set"] == "synthsr" for v in train.volumes)
+    assert any(v.info["set"] == "synthsr" for v in validation.volumes)
+    # the amygdala may be painted into the image but is never a target; the hippocampus beside it is one
+    (subject,) = [v for v in train.volumes if v.info["set"] == "synthseg"]
+    assert subject.info["values"] == [2, 17, 18]
+    assert subject.held_out == {3}
+    # the sample-data pairs (real images) train
+    assert sum(v.image is not None for v in train.volumes if v.info["set"] == "sample_data") == 2
 
 
 # ------------------------------------------------------------------------------------------ region growing
