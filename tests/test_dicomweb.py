@@ -10,6 +10,7 @@ test_ohif.py).
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import SimpleITK as sitk
 from dicomweb_client import DICOMwebClient
 from monai.transforms import LoadImage, Orientation
 from monailabel.client import MONAILabelClient
+from pydicom.uid import generate_uid
 
 from clicking import BRAIN1_LESION_MIN_DICE, dice, interior_voxel
 from server import SAMPLE_DATA, MonaiLabelServer
@@ -193,16 +195,98 @@ def test_a_label_that_does_not_fit_the_series_gets_422_and_stores_nothing(
     assert seg_series(orthanc, brain1_study) == before
 
 
-def test_a_fresh_server_trains_on_the_seg_in_the_pacs(saved_seg, orthanc, series, tmp_path):
-    """Training finds labels through the PACS: MONAI Label's datalist() lists its SEG series and follows each
-    one's ReferencedSeriesSequence. A server with an empty cache (not the one that saved the label) has to
-    download the SEG and decode it, so this is the path of a SEG from any other source too."""
+def click_request(url: str, image_id: str, voxel: list[int]) -> requests.Response:
+    """One lesion click, as OHIF sends it (see test_ohif_click_by_series_uid_returns_a_mask_on_the_series_grid)."""
+    params = {"lesion": [voxel], "background": [], "result_extension": ".nrrd", "result_dtype": "uint8"}
+    return requests.post(
+        f"{url}/infer/mais",
+        params={"image": image_id, "output": "image"},
+        files={"params": (None, json.dumps(params))},
+        timeout=120,
+    )
+
+
+def test_requests_leave_no_files_in_the_temporary_folder(saved_seg, orthanc, series, sample_dicom, tmp_path):
+    """Clicks on series the server has not converted yet and label downloads that decode a SEG: the stock
+    DICOMweb datastore left the series' NIfTI and the decoded label in the temporary folder each time."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {
+        "TMPDIR": str(temp),  # Python's tempfile and so MONAI Label write their temporary files here
+        "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}",
+        "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
+    }
+
+    def files_in_temp() -> list[str]:
+        return sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if not p.is_dir())
+
+    centres = {name: [n // 2 for n in series_grid(sample_dicom / name).GetSize()] for name in ("brain1", "lung1")}
+    with MonaiLabelServer(orthanc, tmp_path / "server.log", env=env) as server:
+        at_start = files_in_temp()
+        for i in range(20):
+            name = ("brain1", "lung1")[i % 2]
+            if i % 4 == 3:  # a label download: GET /datastore/label?label=<SeriesInstanceUID>&tag=final
+                response = requests.get(
+                    f"{server.url}/datastore/label", params={"label": series["brain1"], "tag": "final"}, timeout=60
+                )
+            else:
+                response = click_request(server.url, series[name], centres[name])
+            assert response.status_code == 200, response.text + server.log()[-3000:]
+        assert files_in_temp() == at_start
+
+
+def test_the_newest_seg_of_a_series_is_what_a_fresh_server_serves_and_trains_on(
+    saved_seg, pacs_server, orthanc, series, brain1_study, brain1_truth, tmp_path
+):
+    """Saving a corrected label adds a SEG and leaves the earlier ones in the PACS; a server with an empty cache
+    (not the one that saved: it has to download and decode the SEGs, as for a SEG from any other source) serves
+    and trains on the newest. The correction adds a grey-matter block to the lesion, so training, with one crop
+    per structure, makes two crops from it and one from the earlier labels."""
+    truth = sitk.ReadImage(str(brain1_truth))
+    corrected = sitk.GetArrayFromImage(truth)
+    block = (slice(3, 7), slice(100, 140), slice(60, 100))  # (z, y, x), clear of the lesion
+    assert not corrected[block].any()
+    corrected[block] = 2  # grey_matter in labels.py
+    corrected_label = sitk.GetImageFromArray(corrected)
+    corrected_label.CopyInformation(truth)
+    corrected_file = tmp_path / "brain1_corrected.nrrd"
+    sitk.WriteImage(corrected_label, str(corrected_file), True)
+
+    earlier = set(seg_series(orthanc, brain1_study))
+    client = MONAILabelClient(pacs_server.url, tmpdir=str(tmp_path))
+    client.save_label(series["brain1"], str(corrected_file), tag="final")
+    [newest_uid] = set(seg_series(orthanc, brain1_study)) - earlier
+    assert saved_seg.SeriesInstanceUID in earlier  # nothing is deleted from the PACS
+    [newest] = DICOMwebClient(orthanc).retrieve_series(brain1_study, newest_uid)
+    # the SEG's creation time is what orders saves: to the microsecond, so two saves in one second still order
+    assert "." in newest.ContentTime and len(newest.ContentTime.split(".")[1]) == 6
+    assert (newest.ContentDate, newest.ContentTime) > (saved_seg.ContentDate, saved_seg.ContentTime)
+    # A SEG of the first label made the day before and sent to the PACS only now (a workstation that was
+    # offline): the newest is decided by creation, not by arrival or by where the PACS lists it.
+    [late] = DICOMwebClient(orthanc).retrieve_series(brain1_study, saved_seg.SeriesInstanceUID)
+    late.SeriesInstanceUID, late.SOPInstanceUID = generate_uid(), generate_uid()
+    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
+    late.ContentDate = (datetime.strptime(saved_seg.ContentDate, "%Y%m%d") - timedelta(days=1)).strftime("%Y%m%d")
+    DICOMwebClient(orthanc).store_instances([late])
+    assert set(seg_series(orthanc, brain1_study)) == earlier | {newest_uid, late.SeriesInstanceUID}
+
     env = {"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}", "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache")}
     options = {"max_epochs": 1, "val_split": 0, "crops_per_structure": 1, "train_batch_size": 1, "clicks": 2}
-    with MonaiLabelServer(orthanc, tmp_path / "server.log", env=env) as trainer:
-        response = requests.post(f"{trainer.url}/train/mais", params={"run_sync": "true"}, json=options, timeout=600)
-        assert response.status_code == 200, response.text + trainer.log()[-3000:]
-        stats = requests.get(f"{trainer.url}/info/", timeout=60).json()["train_stats"]["mais"]
+    with MonaiLabelServer(orthanc, tmp_path / "server.log", env=env) as fresh:
+        # Slicer's and OHIF's label download: the label of the image series, by its SeriesInstanceUID
+        response = requests.get(
+            f"{fresh.url}/datastore/label", params={"label": series["brain1"], "tag": "final"}, timeout=120
+        )
+        assert response.status_code == 200, response.text + fresh.log()[-3000:]
+        downloaded = tmp_path / "downloaded.nii.gz"
+        downloaded.write_bytes(response.content)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(downloaded))), corrected)
+        cache = requests.get(f"{fresh.url}/datastore/", params={"output": "all"}, timeout=60).json()
+        assert cache["objects"][series["brain1"]]["labels"]["final"]["info"]["SeriesInstanceUID"] == newest_uid
+
+        response = requests.post(f"{fresh.url}/train/mais", params={"run_sync": "true"}, json=options, timeout=600)
+        assert response.status_code == 200, response.text + fresh.log()[-3000:]
+        stats = requests.get(f"{fresh.url}/info/", timeout=60).json()["train_stats"]["mais"]
     assert stats["status"] == "done"
     assert stats["train_images"] == [series["brain1"]]
-    assert stats["train_crops"] == 1  # the lesion, the one structure of brain1's label
+    assert stats["train_crops"] == 2  # the lesion and the block: the corrected label, not the earlier one

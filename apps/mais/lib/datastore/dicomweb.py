@@ -13,14 +13,21 @@ What changes against the stock datastore:
   `.nii.gz`. Other tags are the stock behaviour (cache only).
 - `list_images` leaves SEG series out: with a search filter that lists every modality (`{}`, needed for MR),
   the stock datastore would count the saved SEGs as images and hand them out as the next sample.
-- `get_labeled_images` lists a series once, however many SEGs refer to it (saving again adds a SEG), and after a
-  save its cached answer is dropped, so `/datastore` stats and the active-learning strategies see the new label
-  at once (MONAI Label caches it for 2 hours).
+- One SEG counts per image series, the newest: saving again adds a SEG and leaves the older ones in the PACS
+  (nothing is deleted from a hospital's archive), and the stock datastore then trained on whichever SEG it decoded
+  last in the PACS' listing. `_newest_segs` is the one rule, used by the training `datalist()`, by the label
+  download (GET /datastore/label, a final label's id being its image's SeriesInstanceUID) and by
+  `get_labeled_images`: the SEG with the latest ContentDate/ContentTime (pydicom-seg writes the time of writing to
+  the microsecond), the SeriesInstanceUID settling a tie the same way on every server.
+- The local cache keeps one label per series, `<series>.nii.gz`, with the SEG it came from as its
+  `SeriesInstanceUID` (shown by GET /datastore/?output=all); it is decoded again only when a newer SEG appears.
+- `get_labeled_images` lists a series once, however many SEGs refer to it, and after a save its cached answer is
+  dropped, so `/datastore` stats and the active-learning strategies see the new label at once (MONAI Label caches
+  it for 2 hours).
+- No request leaves files in the temporary folder: the stock series conversion and SEG decode wrote a file there
+  per series or label and never deleted it.
 
-Training reads labels through the stock `datalist()`: it lists the PACS' SEG series, follows each one's
-ReferencedSeriesSequence to its image series, and uses the cached label of that series if this server saved it,
-else downloads the SEG and decodes it with pydicom-seg. SEGs whose image series the search filter does not list
-are ignored.
+SEGs whose image series the search filter does not list are ignored, as in the stock datastore.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import numpy as np
+import pydicom
+import pydicom_seg
 import requests
 import SimpleITK as sitk
 from cachetools import TTLCache, cached
@@ -43,6 +53,7 @@ from monailabel.datastore.utils.convert import binary_to_image, nifti_to_dicom_s
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, TM
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +62,23 @@ logger = logging.getLogger(__name__)
 ORIGIN_TOLERANCE = 0.01  # share of the smallest voxel spacing
 SPACING_RTOL = 1e-3
 DIRECTION_ATOL = 1e-3
+
+# Where a SEG's time of creation is read, in order: ContentDate/Time is the creation of its content (what a new
+# save changes); the others stand in for writers that leave it out.
+CREATION_TAGS = (
+    ("ContentDate", "ContentTime"),
+    ("InstanceCreationDate", "InstanceCreationTime"),
+    ("SeriesDate", "SeriesTime"),
+)
+
+
+class SegRef(NamedTuple):
+    """A SEG series in the PACS, and when it was created (datetime.min when it does not say). Fields in the order
+    of `_newest_segs`' comparison: the latest creation wins, the greater SeriesInstanceUID settles a tie."""
+
+    created: datetime
+    series_uid: str
+    study_uid: str
 
 
 class MaisDICOMWebDatastore(DICOMWebDatastore):
@@ -70,9 +98,84 @@ class MaisDICOMWebDatastore(DICOMWebDatastore):
         datasets = [Dataset.from_json(ds) for ds in self._client.search_for_series(search_filters=self._search_filter)]
         return [str(ds.SeriesInstanceUID) for ds in datasets if ds.get("Modality") != "SEG"]
 
+    @cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY))
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
         """Each labelled series once: every save stores a new SEG, and the stock answer lists a series per SEG."""
-        return sorted(set(super().get_labeled_images(label_tag, labels)))
+        return sorted(self._newest_segs())
+
+    def get_image_uri(self, image_id: str) -> str:
+        uri = super().get_image_uri(image_id)
+        if not self._convert_to_nifti:
+            return uri  # the downloaded series folder, in the cache
+        cached = os.path.realpath(os.path.join(self._datastore.image_path(), f"{image_id}.nii.gz"))
+        if uri != cached:
+            # the stock conversion wrote the series' NIfTI into the temporary folder, copied it into the cache and
+            # returned the temporary one, which nobody deleted
+            os.unlink(uri)
+        return cached
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """A final label's id is its image's SeriesInstanceUID (LocalDatastore's ids, which /datastore and the
+        save answer show); its file is the newest SEG of that series, "" when the series has none."""
+        if label_tag != DefaultLabelTag.FINAL:
+            return super().get_label_uri(label_id, label_tag)
+        image_id = image_id or label_id
+        found = self._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+        if not found:
+            return ""
+        seg = self._newest_segs(str(Dataset.from_json(found[0]).StudyInstanceUID)).get(image_id)
+        return self._cached_label(image_id, seg) if seg else ""
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        """The training pairs: each labelled series with its newest SEG's label. Labels cached for series that no
+        longer have a SEG in the PACS are dropped, as the stock datalist does."""
+        newest = self._newest_segs()
+        stale = set(LocalDatastore.get_labeled_images(self)) - set(newest)
+        for image_id in stale:
+            logger.info("series %s has no SEG in the PACS any more: its cached label is removed", image_id)
+            LocalDatastore.remove_label(self, image_id, DefaultLabelTag.FINAL)
+        if stale:
+            self.refresh()  # out of the cache index now, not once the file watcher gets to the deleted files
+        for image_id, seg in newest.items():
+            self._cached_label(image_id, seg)
+        return LocalDatastore.datalist(self, full_path)
+
+    def _newest_segs(self, study_uid: str | None = None) -> dict[str, SegRef]:
+        """{image SeriesInstanceUID: its newest SEG} over the SEGs of the PACS (of one study if given) whose
+        referenced series the search filter lists. The one place that decides which of several SEGs counts."""
+        search = {"Modality": "SEG", **({"StudyInstanceUID": study_uid} if study_uid else {})}
+        images = set(self.list_images())
+        newest: dict[str, SegRef] = {}
+        for found in self._client.search_for_series(search_filters=search):
+            series = Dataset.from_json(found)
+            seg_study, seg_uid = str(series.StudyInstanceUID), str(series.SeriesInstanceUID)
+            meta = Dataset.from_json(self._client.retrieve_series_metadata(seg_study, seg_uid)[0])
+            referenced = meta.get("ReferencedSeriesSequence")
+            image_id = str(referenced[0].SeriesInstanceUID) if referenced else None
+            if image_id not in images:
+                logger.warning("SEG series %s ignored: it refers to no series the search filter lists", seg_uid)
+                continue
+            seg = SegRef(_created(meta), seg_uid, seg_study)
+            if image_id not in newest or seg > newest[image_id]:
+                newest[image_id] = seg
+        return newest
+
+    def _cached_label(self, image_id: str, seg: SegRef) -> str:
+        """The cached label file of the series: decoded from `seg` unless the cache already holds that SEG's."""
+        cached = LocalDatastore.get_label_uri(self, image_id, DefaultLabelTag.FINAL)
+        info = LocalDatastore.get_label_info(self, image_id, DefaultLabelTag.FINAL)
+        if cached and os.path.isfile(cached) and info.get("SeriesInstanceUID") == seg.series_uid:
+            return cached
+        self.get_image_uri(image_id)  # a label is cached beside its image: LocalDatastore refuses one without
+        dataset = self._client.retrieve_series(seg.study_uid, seg.series_uid)[0]
+        label = pydicom_seg.MultiClassReader().read(dataset).image
+        with tempfile.TemporaryDirectory(prefix="mais-seg-") as tmp:
+            label_file = os.path.join(tmp, f"{image_id}.nii.gz")
+            sitk.WriteImage(label, label_file, True)
+            info = {"SeriesInstanceUID": seg.series_uid, "StudyInstanceUID": seg.study_uid}
+            LocalDatastore.save_label(self, image_id, label_file, DefaultLabelTag.FINAL, info)
+        logger.info("label of series %s decoded from its newest SEG, series %s", image_id, seg.series_uid)
+        return LocalDatastore.get_label_uri(self, image_id, DefaultLabelTag.FINAL)
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], label_id: str = ""
@@ -112,7 +215,7 @@ class MaisDICOMWebDatastore(DICOMWebDatastore):
             # the stock save minus its dcmqi conversion: keep the label in the local cache, as .nii.gz, which is
             # the name the stock datalist() looks for before it would download and decode the SEG again
             saved = LocalDatastore.save_label(self, image_id, label_file, label_tag, label_info)
-        DICOMWebDatastore.get_labeled_images.cache_clear()
+        MaisDICOMWebDatastore.get_labeled_images.cache_clear()
         logger.info("final label of series %s stored in the PACS as SEG series %s", image_id, seg_series_id)
         return saved
 
@@ -155,6 +258,18 @@ def _segment(index: int, name: str) -> dict[str, Any]:
             "recommendedDisplayRGBValue": [int(c) for c in GENERIC_ANATOMY_COLORS.get(name, (255, 0, 0))[:3]],
         },
     }
+
+
+def _created(meta: pydicom.Dataset) -> datetime:
+    """When a SEG was created, from the first of CREATION_TAGS it carries a valid date for (time missing: 00:00)."""
+    for date_tag, time_tag in CREATION_TAGS:
+        try:
+            date, time = DA(meta.get(date_tag)), TM(meta.get(time_tag))
+        except ValueError:
+            continue
+        if date:
+            return datetime.combine(date, time or datetime.min.time())
+    return datetime.min
 
 
 def _read_label(label_filename: str, image_uri: str, series: sitk.ImageFileReader) -> sitk.Image:
