@@ -8,15 +8,21 @@ know the convention until it has trained on it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import shutil
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 import requests
+from monai.transforms import LoadImage
 from monailabel.client import MONAILabelClient
 
 from clicking import RESULTS_DIR, dice_per_click, interior_voxel_of, slicer_click
@@ -163,6 +169,96 @@ def test_a_training_run_killed_mid_epoch_leaves_the_served_weights_intact(
     assert result["weights"] == "mais_trained.pt" and mask.any()
 
 
+def training_processes(server: MonaiLabelServer) -> list[psutil.Process]:
+    """The server's training subprocesses (MONAI Label's `monailabel.interfaces.utils.app -m train`), zombies too."""
+    found = []
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            if "monailabel.interfaces.utils.app" in child.cmdline() and "train" in child.cmdline():
+                found.append(child)
+        except psutil.ZombieProcess:  # killed, not reaped yet: still there
+            found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+@contextlib.contextmanager
+def stopping_training(url: str):
+    """Stops any training still running when the block ends, so a failed test neither waits for the run nor leaves
+    it to the next test."""
+    try:
+        yield
+    finally:
+        if requests.get(f"{url}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 200:
+            requests.delete(f"{url}/train/", timeout=30)
+
+
+def timed(call, *args, **kwargs):
+    """(seconds, result) of one call."""
+    started = time.monotonic()
+    result = call(*args, **kwargs)
+    return time.monotonic() - started, result
+
+
+def slicer_click_within(url: str, image: str, label: str, voxel: list[int], timeout_s: float):
+    """Slicer's request for one positive click, with a timeout (MONAILabelClient has none): the mask uint8."""
+    params = {**{name: [] for name in SAMPLE_LABELS}, label: [voxel], "label": label, "client_id": "sync-train"}
+    params.update(result_extension=".nrrd", result_dtype="uint8", reset_state=True)
+    response = requests.post(
+        f"{url}/infer/mais",
+        params={"image": image, "output": "image"},
+        files={"params": (None, json.dumps(params))},
+        timeout=timeout_s,
+    )
+    assert response.status_code == 200, response.text[:500]
+    with tempfile.NamedTemporaryFile(suffix=".nrrd") as result:
+        result.write(response.content)
+        result.flush()
+        return np.asarray(LoadImage(image_only=True)(result.name))
+
+
+def test_a_synchronous_run_leaves_the_server_answering_and_delete_stops_it(labelled_server, amygdala_label):
+    """`POST /train/mais?run_sync=true`, as a script starts a run: while it trains, /info and clicks answer within
+    5 s, and `DELETE /train/` (Slicer's "Stop") ends it; the waiting request then gets 409 at once."""
+    url = labelled_server.url
+    centre = interior_voxel_of(amygdala_label[1]["amygdala_left"])
+    # an annotator at work on the image: the server has served clicks on it before the run starts
+    assert slicer_click_within(url, IMAGE, "amygdala_left", centre, timeout_s=120).any()
+    long_run = {**TRAINING, "max_epochs": 500}
+    with ThreadPoolExecutor(max_workers=1) as pool, stopping_training(url):
+        run = pool.submit(requests.post, f"{url}/train/mais", params={"run_sync": "true"}, json=long_run, timeout=600)
+        deadline = time.monotonic() + 300
+        status = {}
+        while "MAIS training:" not in "\n".join(status.get("details", [])):  # the run has its crops, validates next
+            assert time.monotonic() < deadline and not run.done(), (status, run.done() and run.result().text)
+            time.sleep(1)
+            status = requests.get(f"{url}/train/", timeout=5).json()  # MONAI Label's task list shows the run
+        assert status["status"] == "RUNNING" and not run.done()
+
+        seconds, info = timed(requests.get, f"{url}/info/", timeout=5)
+        assert info.status_code == 200 and seconds < 5, seconds
+        assert info.json()["train_stats"]["mais"]["status"] == "running"
+        second_click = [centre[0] + 2, centre[1], centre[2]]
+        seconds, mask = timed(slicer_click_within, url, IMAGE, "amygdala_left", second_click, timeout_s=30)
+        assert mask.any() and seconds < 5, seconds
+        assert training_processes(labelled_server) and not run.done()  # the run went on meanwhile
+        second = requests.post(f"{url}/train/mais", params={"run_sync": "true"}, json=TRAINING, timeout=30)
+        assert second.status_code == 429, second.text  # MONAI Label's answer while a run is going
+
+        seconds, stopped = timed(requests.delete, f"{url}/train/", timeout=30)
+        assert stopped.status_code == 200 and seconds < 5, (seconds, stopped.text)
+        assert stopped.json()["status"] == "STOPPED" and stopped.json()["id"] == status["id"]
+        answer = run.result(timeout=30)  # the waiting request ends with the run
+    assert answer.status_code == 409 and "stopped" in answer.json()["detail"], answer.text
+    assert requests.get(f"{url}/train/", timeout=5).json()["status"] == "STOPPED"
+    deadline = time.monotonic() + 30
+    while training_processes(labelled_server):
+        assert time.monotonic() < deadline, training_processes(labelled_server)
+        time.sleep(0.5)
+    assert train_status_soon(url, "stopped before finishing")
+
+
 def test_max_epochs_1_runs_exactly_one_epoch(labelled_server, shipped_weights_served):
     """MONAI Label's option name, as its documentation shows it: one epoch, not the trainer's default of 10."""
     response = requests.post(
@@ -173,6 +269,7 @@ def test_max_epochs_1_runs_exactly_one_epoch(labelled_server, shipped_weights_se
     )
     assert response.status_code == 200, response.text
     stats = requests.get(f"{labelled_server.url}/info/", timeout=30).json()["train_stats"]["mais"]
+    assert response.json() == stats  # a synchronous run answers with its result, as MONAI Label documents
     assert stats["status"] == "done" and stats["max_epochs"] == 1
     assert [entry["epoch"] for entry in stats["history"]] == [0, 1]  # 0 = the served weights, before training
     assert stats["steps_done"] == stats["steps_per_epoch"] == 1  # 2 crops (one per amygdala), batch 2

@@ -28,6 +28,7 @@ from lib.datastore.local import MaisLocalDatastore
 from lib.infers.mais import REQUESTED_IMAGE_KEY, MaisInfer
 from lib.model.weights import WeightsError
 from lib.model_loader import ModelLoader
+from lib.trainers import synchronous
 from lib.trainers.mais import MaisTrainer
 from lib.volume_formats import VOLUME_EXTENSIONS
 
@@ -94,6 +95,16 @@ class MaisApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         return {"mais": MaisTrainer(self.settings, self.label_map, self.model_loader)}
+
+    def trainer(self, name: str) -> MaisTrainer | None:
+        return self._trainers.get(name)
+
+    def server_mode(self, mode: bool):
+        super().server_mode(mode)
+        if mode:  # only the server's start calls this, never the training subprocess
+            # MONAI Label trains a run_sync request on the server's event loop, which then answers nothing else
+            # until the run ends: run it in the background like any other run (lib/trainers/synchronous.py)
+            synchronous.install()
 
     def on_save_label(self, image_id: str, label_id: str):
         super().on_save_label(image_id, label_id)

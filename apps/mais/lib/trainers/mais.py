@@ -11,9 +11,10 @@ A thin MONAI Label adapter around `lib.training`:
 4. the best weights are published atomically to `<train_dir>/mais_trained.pt` only if they beat the served ones
    on validation; the infer task reloads them on the next click, without a restart.
 
-MONAI Label runs this in a subprocess (`/train` status shows its last log lines; `DELETE /train` kills it). A run
-killed at any point leaves the served weights untouched: they are replaced by one os.replace, or not at all.
-Progress and results go to `<train_dir>/train_stats.json`, which `/info` shows under `train_stats`.
+MONAI Label runs this in a subprocess, with `run_sync` too (lib/trainers/synchronous.py; `/train` status shows its
+last log lines; `DELETE /train` kills it). A run killed at any point leaves the served weights untouched: they are
+replaced by one os.replace, or not at all. Progress and results go to `<train_dir>/train_stats.json`, which
+`/info` shows under `train_stats`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lib.atomic_file import atomic_write
 from lib.configs.app_settings import AppSettings, MemoryMode
 from lib.devices import DEVICE_NAMES, DeviceName
-from lib.model.config import MEMORY_MODES
+from lib.model.config import MEMORY_MODES, MaisConfig
 from lib.model.weights import WeightsError
 from lib.model_loader import ModelLoader
 from lib.training.config import FitConfig
@@ -160,17 +161,36 @@ class MaisTrainer(TrainTask):
             stats["status"] = "stopped before finishing"
         return stats
 
-    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+    def check(self, request: dict[str, Any], datastore: Datastore) -> tuple[TrainRequest, DeviceName, list[dict]]:
+        """(options, device, datalist) of a run, or the HTTPException that refuses it before it starts.
+
+        Cheap, so the server calls it too before it starts a `run_sync` run in the background (lib/trainers/
+        synchronous.py): a refusal there is the HTTP answer, while an exception in the training process only
+        reaches its log."""
         options = TrainRequest.from_request(request)
         # the app's own device setting falls back to the CPU without a GPU, as serving does; a run asking for
-        # cuda itself is refused there (_world_size)
+        # cuda itself is refused
         device = options.device or (
             "cpu" if self.settings.device == "cuda" and not available_gpus() else self.settings.device
         )
-        world_size = _world_size(options, device)
+        if device == "cuda" and not available_gpus():
+            raise HTTPException(status_code=422, detail="device: 'cuda' asked, but this server sees no GPU")
         datalist = datastore.datalist()
         if not datalist:
             raise HTTPException(status_code=422, detail="no final labels in the datastore: save a label first")
+        self._served_config()
+        return options, device, datalist
+
+    def _served_config(self) -> MaisConfig:
+        """The served model's config, which a run starts from; 503 naming the file while it is unusable."""
+        try:
+            return self.model_loader.get().model.config
+        except WeightsError as error:
+            raise HTTPException(status_code=503, detail=f"the served weights cannot be trained from: {error}") from None
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        options, device, datalist = self.check(request, datastore)
+        world_size = _world_size(options, device)
         rng = np.random.default_rng(options.seed)
         train_items, val_items = split_by_image(datalist, options.val_split, rng)
         crops = self._crops(train_items, options.crops_per_structure, rng)
@@ -187,10 +207,7 @@ class MaisTrainer(TrainTask):
         run_dir = self.settings.train_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
         steps_per_epoch = math.ceil(len(crops) / (options.train_batch_size * world_size))
         init = self.model_loader.path
-        try:
-            served = self.model_loader.get().model.config
-        except WeightsError as error:
-            raise HTTPException(status_code=503, detail=f"the served weights cannot be trained from: {error}") from None
+        served = self._served_config()
         config = FitConfig(
             out=run_dir / "last.pt",
             init=init,
@@ -346,12 +363,11 @@ class TrainingProgress:
 def _world_size(options: TrainRequest, device: str) -> int:
     """Training processes: one per GPU that `multi_gpu` and `gpus` allow, one on the CPU.
 
-    A background run never sees a list in `gpus`: MONAI Label turns it into CUDA_VISIBLE_DEVICES for the training
-    process and sends "all". A list reaches the trainer only with run_sync, in the server's own process, where
-    process r trains on cuda:r: so the list must be the first GPUs, 0,1,...,n-1."""
+    A run the server starts (run_sync or not) never sees a list in `gpus`: MONAI Label turns it into
+    CUDA_VISIBLE_DEVICES for the training process and sends "all". A list reaches the trainer only when it is
+    called in a process that sees all GPUs, where process r trains on cuda:r: so the list must be the first GPUs,
+    0,1,...,n-1."""
     visible = available_gpus()
-    if device == "cuda" and not visible:
-        raise HTTPException(status_code=422, detail="device: 'cuda' asked, but this server sees no GPU")
     if device == "cpu" or not visible:
         return 1
     if options.gpus in ("all", ""):
@@ -361,8 +377,8 @@ def _world_size(options: TrainRequest, device: str) -> int:
         if ids != list(range(len(ids))) or len(ids) > visible:
             raise HTTPException(
                 status_code=422,
-                detail=f"gpus: {options.gpus!r} with run_sync must be the first of the {visible} visible GPU(s) "
-                "(0,1,...); run in the background to pick others",
+                detail=f"gpus: {options.gpus!r} must be the first of the {visible} visible GPU(s) (0,1,...) "
+                "outside MONAI Label's training process; start the run through the server to pick others",
             )
         wanted = len(ids)
     return wanted if options.multi_gpu else 1
