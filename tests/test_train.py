@@ -27,6 +27,7 @@ from monailabel.client import MONAILabelClient
 
 from clicking import RESULTS_DIR, dice_per_click, interior_voxel_of, slicer_click
 from lib.activelearning.disagreement import image_disagreement
+from lib.background import BACKGROUND_NICENESS
 from lib.configs.labels import SAMPLE_LABELS
 from lib.imaging import ModelSpaceImage
 from lib.model.weights import load_mais
@@ -169,6 +170,15 @@ def test_a_training_run_killed_mid_epoch_leaves_the_served_weights_intact(
     assert result["weights"] == "mais_trained.pt" and mask.any()
 
 
+def thread_niceness(process: psutil.Process) -> set[int]:
+    """The niceness of each thread of `process` (Linux schedules threads, each with its own)."""
+    niceness = set()
+    for thread in process.threads():
+        with contextlib.suppress(psutil.NoSuchProcess):  # a thread that ended meanwhile
+            niceness.add(psutil.Process(thread.id).nice())
+    return niceness
+
+
 def training_processes(server: MonaiLabelServer) -> list[psutil.Process]:
     """The server's training subprocesses (MONAI Label's `monailabel.interfaces.utils.app -m train`), zombies too."""
     found = []
@@ -242,7 +252,10 @@ def test_a_synchronous_run_leaves_the_server_answering_and_delete_stops_it(label
         second_click = [centre[0] + 2, centre[1], centre[2]]
         seconds, mask = timed(slicer_click_within, url, IMAGE, "amygdala_left", second_click, timeout_s=30)
         assert mask.any() and seconds < 5, seconds
-        assert training_processes(labelled_server) and not run.done()  # the run went on meanwhile
+        runners = training_processes(labelled_server)
+        assert runners and not run.done()  # the run went on meanwhile
+        # what lets the click through on a busy CPU: the run's every thread yields to the server (lib/background.py)
+        assert thread_niceness(runners[0]) == {BACKGROUND_NICENESS}
         second = requests.post(f"{url}/train/mais", params={"run_sync": "true"}, json=TRAINING, timeout=30)
         assert second.status_code == 429, second.text  # MONAI Label's answer while a run is going
 

@@ -22,6 +22,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib.activelearning.tasks import DisagreementScoring, MostUncertain
+from lib.background import yield_cpu_to_the_server
 from lib.configs.app_settings import AppConfigError, AppSettings
 from lib.datastore.dicomweb import MaisDICOMWebDatastore
 from lib.datastore.local import MaisLocalDatastore
@@ -48,6 +49,7 @@ class MaisApp(MONAILabelApp):
     """
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        yield_cpu_to_the_server()  # in MONAI Label's training or scoring process: before torch starts its threads
         try:
             self.settings = AppSettings.from_conf(conf)
             self.label_map = self.settings.label_map()
