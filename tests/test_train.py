@@ -286,6 +286,9 @@ def test_max_epochs_1_runs_exactly_one_epoch(labelled_server, shipped_weights_se
     assert stats["status"] == "done" and stats["max_epochs"] == 1
     assert [entry["epoch"] for entry in stats["history"]] == [0, 1]  # 0 = the served weights, before training
     assert stats["steps_done"] == stats["steps_per_epoch"] == 1  # 2 crops (one per amygdala), batch 2
+    # the run's checkpoints went with it: what it leaves is train_stats.json and what it published
+    runs = Path(labelled_server.conf["train_dir"]) / "runs"
+    assert not [path for path in runs.rglob("*") if path.is_file()]
 
 
 def test_the_old_name_epochs_still_sets_the_number_of_epochs(labelled_server, shipped_weights_served):

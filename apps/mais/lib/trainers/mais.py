@@ -204,7 +204,12 @@ class MaisTrainer(TrainTask):
         # Validation crops are centred on their structure, as the window of a user's first click is.
         val_crops = self._crops(val_items, 1, rng, max_shift=0) or self._crops(train_items, 1, rng, max_shift=0)
 
-        run_dir = self.settings.train_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        runs_dir = self.settings.train_dir / "runs"
+        # A run's checkpoints serve only that run (its best weights until they are published; a run from the web
+        # UI or REST cannot be resumed), so none outlive it: a run that published nothing left 147 MB here. One
+        # stopped with DELETE /train/ was killed before it could clean up: its folder goes when the next run starts.
+        shutil.rmtree(runs_dir, ignore_errors=True)
+        run_dir = runs_dir / time.strftime("%Y%m%d-%H%M%S")
         steps_per_epoch = math.ceil(len(crops) / (options.train_batch_size * world_size))
         init = self.model_loader.path
         served = self._served_config()
@@ -234,7 +239,6 @@ class MaisTrainer(TrainTask):
             stats={
                 "status": "running",
                 "pid": os.getpid(),
-                "run_dir": str(run_dir),
                 "start_ts": int(time.time()),
                 "init_weights": str(init),
                 "train_images": sorted(_image_id(item) for item in train_items),
@@ -267,10 +271,13 @@ class MaisTrainer(TrainTask):
                 result = fit_distributed(config, world_size, crops, val_crops, progress.on_log, progress.on_validation)
             else:
                 result = fit(config, crops, val_crops, progress.on_log, progress.on_validation)
+            published = self._publish(result, config)
         except Exception as error:
             progress.fail(error)
             raise
-        return progress.finish(result, self._publish(result, config))
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return progress.finish(result, published)
 
     def _crops(
         self, items: list[dict], crops_per_structure: int, rng: np.random.Generator, max_shift: int = MAX_CROP_SHIFT
