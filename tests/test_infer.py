@@ -162,13 +162,13 @@ def test_a_mask_reaching_the_crop_border_extends_into_the_next_window(server):
     this image gets: 96 mm): the first click's mask runs into the crop's face, so the prediction continues in the
     neighbouring window instead of being cut there."""
     back, front = [65, 59, 71], [74, 172, 81]  # deep white matter at both ends (original voxel indices)
-    first, _, first_result = slicer_click(server.url, "long", "icbm2009a_t1", "white_matter", [back])
+    first, _, first_result = slicer_click(server.url, "long", "icbm2009a_t1", "white_matter", [front])
     assert first_result["windows"] == 2
-    assert first[tuple(back)]
+    assert first[tuple(front)]
     window_mm = CROP_SIZE * model_spacing_mm(load_volume(str(SAMPLE_DATA / "icbm2009a_t1.nii.gz")))
     spans_mm = np.ptp(np.argwhere(first), axis=0) + 1  # ICBM's voxels are 1 mm
     assert spans_mm.max() > window_mm + 10, (spans_mm, window_mm)
-    both, _, _ = slicer_click(server.url, "long", "icbm2009a_t1", "white_matter", [back, front])
+    both, _, _ = slicer_click(server.url, "long", "icbm2009a_t1", "white_matter", [front, back])
     assert both[tuple(back)] and both[tuple(front)]
 
 
