@@ -195,9 +195,10 @@ class CropWindow:
 class ModelSpaceImage:
     """One image in model space, with what is needed to map clicks in and masks out.
 
-    volume: [1, X, Y, Z] float32, RAS, `spacing_mm` voxels (1.5 mm, FINE_SPACING_MM for a small image or a zoomed
-    view), normalised. original_shape: (I, J, K) of the file. A zoomed view covers only a region of the file, but
-    maps clicks and masks from and to the whole file's grid like the full view.
+    volume: [1, X, Y, Z] float32, RAS, `spacing_mm` voxels (`model_spacing_mm`: 0.75-1.5 mm, FINE_SPACING_MM for
+    a small image; FINE_SPACING_MM for a zoomed view), normalised. original_shape: (I, J, K) of the file. A zoomed
+    view covers only a region of the file, but maps clicks and masks from and to the whole file's grid like the
+    full view.
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """Training crops from labelled images: every label of a multi-label map is its own binary target.
 
-Crops are taken as inference takes them (`lib.imaging`): model space (RAS, 0.75-1.5 mm, normalised), a 128^3
+Crops are taken as inference takes them (`lib.imaging`): model space (RAS, 0.375-1.5 mm, normalised), a 128^3
 window around a voxel of the structure. Training crops are shifted off that voxel by up to `max_shift` voxels per
 axis: windows centred on their structure teach a model to segment whatever lies at the centre and to ignore where the
 clicks are (measured: clicks off the centre of such a crop got the centre's structure), and at inference only
