@@ -4,6 +4,7 @@ N simulated annotators (`tests/annotators.py`: Slicer and OHIF shapes, three sam
 that are shared or part) click M times each. First every annotator clicks alone, one after the other, which
 fixes its clicks and the masks it gets; then all send the same requests at once, a thread each. Printed: the
 latency median and p95 alone and together, the errors, and the masks that differ from the annotator's alone.
+Stopped by SIGTERM (a time limit), it prints what it measured so far under a CUT SHORT line and exits with 124.
 
     .venv/bin/python benchmarks/bench_concurrency.py        # 20 x 20, a server started on a copy of sample-data
     .venv/bin/python benchmarks/bench_concurrency.py --users 2 --clicks 2
@@ -12,6 +13,8 @@ latency median and p95 alone and together, the errors, and the masks that differ
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -22,8 +25,16 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "apps" / "mais"), str(REPO_ROOT / "tests")]
 
-from annotators import click_alone, click_together, team  # noqa: E402
+from annotators import Outcome, click_alone, click_together, team  # noqa: E402
 from server import server_benchmark_parser, serving  # noqa: E402
+
+
+class Cut(Exception):
+    """SIGTERM arrived (a time limit such as `timeout`'s): what was measured before it is printed."""
+
+
+def cut(signum, frame):
+    raise Cut
 
 
 def percentiles(seconds: list[float]) -> str:
@@ -38,14 +49,21 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=20)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, serving(args.url, Path(tmp)) as url:
-        plans, alone_seconds = {}, []
-        for annotator in team(args.users):
-            plans[annotator], seconds = click_alone(url, args.studies, annotator, args.clicks)
-            alone_seconds += seconds
-        started = time.perf_counter()
-        outcome = click_together(url, plans)
-        wall = time.perf_counter() - started
+    signal.signal(signal.SIGTERM, cut)
+    plans, alone_seconds, outcome, wall, url, interrupted = {}, [], Outcome(), 0.0, args.url, False
+    try:
+        with tempfile.TemporaryDirectory() as tmp, serving(args.url, Path(tmp)) as url:
+            for annotator in team(args.users):
+                plans[annotator], seconds = click_alone(url, args.studies, annotator, args.clicks)
+                alone_seconds += seconds
+            started = time.perf_counter()
+            try:
+                click_together(url, plans, outcome)
+            finally:
+                wall = time.perf_counter() - started
+    except Cut:
+        interrupted = True
+        print(f"CUT SHORT by SIGTERM: {len(plans)} annotators done alone, {len(outcome.latencies)} answers together")
 
     requests = sum(len(made) for made in plans.values())
     print(f"{args.users} annotators x {args.clicks} clicks ({requests} requests) at {url}")
@@ -54,6 +72,9 @@ def main() -> None:
     print(f"errors: {len(outcome.errors)}, masks unlike alone: {len(outcome.mismatches)}")
     for problem in outcome.errors + outcome.mismatches:
         print(f"  {problem}")
+    if interrupted:  # the together threads may still be sending: end here, without waiting for them
+        sys.stdout.flush()
+        os._exit(124)
     if outcome.errors or outcome.mismatches:
         sys.exit(1)
 
