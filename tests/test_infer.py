@@ -68,6 +68,29 @@ def test_slicer_sequence_returns_masks_on_the_original_grid(server, brain1_lesio
     assert dice(mask == LESION, label == LESION) > BRAIN1_LESION_MIN_DICE
 
 
+def test_a_result_comes_compressed_unless_the_client_asks_for_raw(server, brain1_lesion, tmp_path):
+    """Slicer names no `result_compress`: it gets a gzip NRRD (a fraction of the bytes to write and send); asked for
+    false, as OHIF asks, the same voxels come raw."""
+    masks = {}
+    for extra in ({}, {"result_compress": False}):
+        params = {"lesion": [brain1_lesion], "background": [], "label": "lesion", "client_id": "compression"}
+        params.update(result_extension=".nrrd", result_dtype="uint8", **extra)
+        response = requests.post(
+            f"{server.url}/infer/mais",
+            params={"image": "brain1", "output": "image"},
+            files={"params": (None, json.dumps(params))},
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        header = response.content[: response.content.index(b"\n\n")]
+        assert (b"encoding: gzip" in header) == (extra == {}), header
+        path = tmp_path / f"result_{len(masks)}.nrrd"
+        path.write_bytes(response.content)
+        masks[len(masks)] = (load(path)[0], len(response.content))
+    np.testing.assert_array_equal(masks[0][0], masks[1][0])
+    assert masks[0][1] < masks[1][1] / 10, (masks[0][1], masks[1][1])
+
+
 def test_a_small_image_held_out_of_training_gets_its_lesion(server):
     """breast1 (a 30 x 80 x 44 mm crop, never trained on) is resampled to 0.375 mm instead of 1.5 mm: at 1.5 mm its
     6 mm lesion would be one cell of the decoder's grid and the mask the whole image block (Dice near 0). An
@@ -132,6 +155,7 @@ def test_ohif_request_without_label_key(server):
     assert response.status_code == 200, response.text
     result_path = server.log_path.parent / "ohif_result.nrrd"
     result_path.write_bytes(response.content)
+    assert b"encoding: raw" in response.content[:1000]  # as OHIF asked: it copies the buffer it reads
     mask, affine = load(result_path)
     image, image_affine = load(SAMPLE_DATA / "lung1.nii.gz")
     assert mask.shape == image.shape == (512, 512, 48)

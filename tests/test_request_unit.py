@@ -25,6 +25,12 @@ def test_slicer_deepedit_request_takes_the_current_segment_and_background_clicks
     assert clicks.label == "lesion" and clicks.client_id == "slicer-1" and clicks.owner == "slicer-1"
     assert clicks.positives == ((1, 2, 3), (4, 5, 6)) and clicks.negatives == ((7, 8, 9),)
     assert (clicks.result_extension, clicks.result_dtype, clicks.reset_state) == (".nrrd", "uint8", False)
+    assert clicks.result_compress  # Slicer names no compression: the result comes compressed
+
+
+def test_a_client_that_asks_for_an_uncompressed_result_gets_one():
+    request = {"lesion": [[1, 2, 3]], "background": [], "result_compress": False}  # OHIF's shape
+    assert not parse_click_request(request, LABELS, lambda clicked: "lesion").result_compress
 
 
 def test_ohif_request_asks_for_its_target_and_names_its_owner():
