@@ -118,7 +118,8 @@ class MaisInfer(InferTask):
             _check_inside(clicks, session.image.original_shape)  # a bad click leaves the session as it was
             prepared = time.perf_counter()
             update = session.advance(history)
-            mask = session.mask.astype(clicks.result_dtype) * self.label_map[clicks.label]
+            # one pass, keeping the mask's Fortran order (see InteractiveSession.reset)
+            mask = np.multiply(session.mask, self.label_map[clicks.label], dtype=clicks.result_dtype)
             affine, click_count, window_count = session.image.original_affine, len(session.clicks), len(session.windows)
 
         written = time.perf_counter()

@@ -118,7 +118,9 @@ class InteractiveSession:
             self._mark_changed(np.zeros(3, dtype=int), np.asarray(self.image.original_shape))
         self.clicks, self.windows = [], []
         self.logits = torch.full((1, *self.image.shape), BACKGROUND_LOGIT, dtype=torch.float16, device=self.device)
-        self.mask = np.zeros(self.image.original_shape, dtype=bool)
+        # Fortran order: ITK's writer (MONAI Label's, for every NRRD result) copies the mask transposed, which is a
+        # plain memory copy for this layout and a strided one for C order (512x512x300: 0.1 s against 0.9 s, CPU)
+        self.mask = np.zeros(self.image.original_shape, dtype=bool, order="F")
 
     @torch.inference_mode()
     def add_click(self, click: Click) -> None:
