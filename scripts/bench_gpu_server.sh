@@ -16,6 +16,8 @@
 # apps/mais/model/. The machine must have what build_server_wheels.py calls COMMON (torch, numpy, scipy, ...).
 # Every step has a time limit and the whole run stays within BUDGET_S seconds (default 480): a step that runs
 # out is cut and the run goes on to write what it has.
+# On the H200 the install, checks, large CT and the server's start and scoring took 92 s: a BUDGET_S of 200
+# cut the wait for the scoring and left no benchmark (2026-12-01); the defaults took 309 s in all.
 #
 # The CPU rehearsal, on a machine without a GPU: a venv holding COMMON only (build_server_wheels.py lists them),
 # Python 3.12 and torch 2.11 as on the GPU machine, the same .whl-server/, small sizes:
