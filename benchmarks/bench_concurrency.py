@@ -14,7 +14,6 @@ Stopped by SIGTERM (a time limit), it prints what it measured so far under a CUT
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -26,15 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT / "apps" / "mais"), str(REPO_ROOT / "tests")]
 
 from annotators import Outcome, click_alone, click_together, team  # noqa: E402
-from server import server_benchmark_parser, serving  # noqa: E402
-
-
-class Cut(Exception):
-    """SIGTERM arrived (a time limit such as `timeout`'s): what was measured before it is printed."""
-
-
-def cut(signum, frame):
-    raise Cut
+from server import Cut, raise_cut_on_sigterm, server_benchmark_parser, serving  # noqa: E402
 
 
 def percentiles(seconds: list[float]) -> str:
@@ -49,10 +40,10 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=20)
     args = parser.parse_args()
 
-    signal.signal(signal.SIGTERM, cut)
+    raise_cut_on_sigterm()
     plans, alone_seconds, outcome, wall, url, interrupted = {}, [], Outcome(), 0.0, args.url, False
     try:
-        with tempfile.TemporaryDirectory() as tmp, serving(args.url, Path(tmp)) as url:
+        with tempfile.TemporaryDirectory() as tmp, serving(args.url, Path(tmp)) as (url, _):
             for annotator in team(args.users):
                 plans[annotator], seconds = click_alone(url, args.studies, annotator, args.clicks)
                 alone_seconds += seconds

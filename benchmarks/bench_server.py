@@ -24,13 +24,10 @@ exits with 124.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nrrd
@@ -46,7 +43,7 @@ import build_large_ct  # noqa: E402
 from annotators import boxed_next_click  # noqa: E402
 from lib.clicks.simulator import POSITIVE, first_click  # noqa: E402
 from lib.configs.labels import SAMPLE_LABELS  # noqa: E402
-from server import MonaiLabelServer, copy_sample_data, server_benchmark_parser  # noqa: E402
+from server import Cut, raise_cut_on_sigterm, server_benchmark_parser, serving  # noqa: E402
 
 # (image id, file name, label): the 512x512 CT, the anisotropic non-RAS NRRD, a small and a large brain structure
 CASES = [
@@ -59,14 +56,6 @@ CASES = [
 LARGE_CT = (build_large_ct.IMAGE_ID, build_large_ct.FILE_NAME, "lesion")
 # the server's `latencies` keys (lib/infers/mais.py), as printed
 STAGES = [("pre", "pre"), ("infer", "predict"), ("invert", "to grid"), ("write", "write")]
-
-
-class Cut(Exception):
-    """SIGTERM arrived (a time limit such as `timeout`'s): the clicks measured before it are printed."""
-
-
-def cut(signum, frame):
-    raise Cut
 
 
 def slicer_request(url: str, client_id: str, image: str, label: str, clicks, out: Path):
@@ -133,23 +122,6 @@ def stage_row(name: str, clicks: list[dict]) -> str:
     return f"{name:34s} {len(clicks):3d}" + "".join(cells)
 
 
-@contextlib.contextmanager
-def server_for(url: str | None, scratch: Path, large_ct: bool) -> Iterator[tuple[str, Path | None]]:
-    """(URL, its studies folder when this started the server) : `url` when given, else a server started for the
-    block on a copy of sample-data (with the large CT when asked) and stopped after it."""
-    if url is not None:
-        yield url, None
-        return
-    studies = copy_sample_data(scratch / "studies")
-    if large_ct:
-        build_large_ct.build(studies)
-    server = MonaiLabelServer(studies, scratch / "server.log").start()
-    try:
-        yield server.url, studies
-    finally:
-        server.stop()
-
-
 def main() -> None:
     parser = server_benchmark_parser(__doc__)
     parser.add_argument("--clicks", type=int, default=10)
@@ -164,14 +136,17 @@ def main() -> None:
             parser.error(f"unknown case(s) {sorted(unknown)}; known: {[image for image, _, _ in cases]}")
         cases = [case for case in cases if case[0] in args.cases]
 
-    signal.signal(signal.SIGTERM, cut)
+    raise_cut_on_sigterm()
     results = [
         {"case": f"{image}:{label}", "first": [], "later": [], "stages": {"first": [], "later": []}}
         for image, _, label in cases
     ]
     interrupted = False
     try:
-        with tempfile.TemporaryDirectory() as tmp, server_for(args.url, Path(tmp), args.large_ct) as (url, copy):
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            serving(args.url, Path(tmp), build_large_ct.build if args.large_ct else None) as (url, copy),
+        ):
             studies = copy or args.studies
             for case, result in zip(cases, results):
                 run_case(url, studies, case, args.clicks, args.repeat, Path(tmp) / "result.nrrd", result)

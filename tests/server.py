@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import requests
@@ -137,14 +137,33 @@ def server_benchmark_parser(description: str) -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def serving(url: str | None, scratch: Path) -> Iterator[str]:
-    """The URL to benchmark: `url` when given, else a server started for the block on a copy of sample-data under
-    `scratch` (its log there too) and stopped after it."""
+def serving(
+    url: str | None, scratch: Path, prepare: Callable[[Path], object] | None = None
+) -> Iterator[tuple[str, Path | None]]:
+    """(URL to benchmark, its studies folder when this started the server): `url` and None when given, else a
+    server started for the block on a copy of sample-data under `scratch` (its log there too; `prepare` adds to
+    the copy first) and stopped after it."""
     if url is not None:
-        yield url
+        yield url, None
         return
-    server = MonaiLabelServer(copy_sample_data(scratch / "studies"), scratch / "server.log").start()
+    studies = copy_sample_data(scratch / "studies")
+    if prepare is not None:
+        prepare(studies)
+    server = MonaiLabelServer(studies, scratch / "server.log").start()
     try:
-        yield server.url
+        yield server.url, studies
     finally:
         server.stop()
+
+
+class Cut(Exception):
+    """SIGTERM arrived (a time limit such as `timeout`'s): a benchmark prints what it measured before it."""
+
+
+def raise_cut_on_sigterm() -> None:
+    """From now on SIGTERM raises `Cut` in the main thread."""
+
+    def cut(signum, frame):
+        raise Cut
+
+    signal.signal(signal.SIGTERM, cut)

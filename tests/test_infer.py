@@ -71,7 +71,7 @@ def test_slicer_sequence_returns_masks_on_the_original_grid(server, brain1_lesio
 def test_a_result_comes_compressed_unless_the_client_asks_for_raw(server, brain1_lesion, tmp_path):
     """Slicer names no `result_compress`: it gets a gzip NRRD (a fraction of the bytes to write and send); asked for
     false, as OHIF asks, the same voxels come raw."""
-    masks = {}
+    results = []  # (mask, bytes sent): compressed, then raw
     for extra in ({}, {"result_compress": False}):
         params = {"lesion": [brain1_lesion], "background": [], "label": "lesion", "client_id": "compression"}
         params.update(result_extension=".nrrd", result_dtype="uint8", **extra)
@@ -84,11 +84,12 @@ def test_a_result_comes_compressed_unless_the_client_asks_for_raw(server, brain1
         assert response.status_code == 200, response.text
         header = response.content[: response.content.index(b"\n\n")]
         assert (b"encoding: gzip" in header) == (extra == {}), header
-        path = tmp_path / f"result_{len(masks)}.nrrd"
+        path = tmp_path / f"result_{len(results)}.nrrd"
         path.write_bytes(response.content)
-        masks[len(masks)] = (load(path)[0], len(response.content))
-    np.testing.assert_array_equal(masks[0][0], masks[1][0])
-    assert masks[0][1] < masks[1][1] / 10, (masks[0][1], masks[1][1])
+        results.append((load(path)[0], len(response.content)))
+    (compressed, compressed_bytes), (raw, raw_bytes) = results
+    np.testing.assert_array_equal(compressed, raw)
+    assert compressed_bytes < raw_bytes / 10, (compressed_bytes, raw_bytes)
 
 
 def test_a_small_image_held_out_of_training_gets_its_lesion(server):
