@@ -29,8 +29,9 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIMS = REPO_ROOT / "scripts" / "gpu_shims"
-# module to import -> stand-in package; `distutils.util` as MONAI Label imports it
-SHIMMED = {"itk": "itk", "SimpleITK": "SimpleITK", "distutils.util": "distutils"}
+# module to import -> stand-in package, installed under the module's top-level name; `distutils.util` as MONAI
+# Label imports it
+SHIMMED = {"itk": "import_only", "SimpleITK": "import_only", "distutils.util": "distutils"}
 # what the server process imports (the app's main module imports MONAI Label's app, datastores and endpoints)
 SMOKE = (
     "import sys; sys.path[:0] = ['apps/mais', 'tests', 'benchmarks'];"
@@ -123,8 +124,9 @@ def main() -> None:
         if importable(module):
             print(f"stand-in not needed: {module} imports")
         else:
-            print(f"stand-in: {module} does not import here: scripts/gpu_shims/{package} copied into {site}")
-            shutil.copytree(SHIMS / package, site / package, dirs_exist_ok=True)
+            target = site / module.partition(".")[0]
+            print(f"stand-in: {module} does not import here: scripts/gpu_shims/{package} copied to {target}")
+            shutil.copytree(SHIMS / package, target, dirs_exist_ok=True)
 
     print("requirements of the installed packages that this Python does not meet:")
     for owner, requirement, version in unmet(site):

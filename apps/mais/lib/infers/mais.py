@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from monailabel.transform.writer import Writer
 
 from lib.configs.app_settings import AppSettings
 from lib.imaging import ModelSpaceImage, VolumeError
 from lib.infers.request import ClickRequest, RequestError, parse_click_request
+from lib.mask_file import write_mask
 from lib.model.weights import WeightsError
 from lib.model_loader import ModelLoader
 from lib.session.interactive import InteractiveSession
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 PREPARED_IMAGE_CACHE_SIZE = 8
 # the image id as the client sent it (the app adds it: MONAI Label replaces "image" by the path it resolves to)
 REQUESTED_IMAGE_KEY = "requested_image"
-# where click results wait for the endpoint to send and delete them (see _private_result_path)
+# where click results wait for the endpoint to send and delete them (see _result_path)
 RESULTS_DIR = Path(tempfile.gettempdir()) / f"mais-results-{os.getuid()}"
 
 
@@ -123,17 +123,8 @@ class MaisInfer(InferTask):
             affine, click_count, window_count = session.image.original_affine, len(session.clicks), len(session.windows)
 
         written = time.perf_counter()
-        written_path, _ = Writer(label="pred")(
-            {
-                "image_path": image_path,
-                "pred": mask,
-                "pred_meta_dict": {"affine": affine.numpy()},
-                "result_extension": clicks.result_extension or _own_extension(image_path),
-                "result_dtype": clicks.result_dtype,
-                "result_compress": clicks.result_compress,
-            }
-        )
-        label_path = _private_result_path(written_path)
+        label_path = _result_path(clicks.result_extension or _own_extension(image_path))
+        write_mask(label_path, mask, affine.numpy(), compress=clicks.result_compress)
         finished = time.perf_counter()
         result = {
             "label": clicks.label,
@@ -196,12 +187,10 @@ def _own_extension(image_path: str) -> str:
     return volume_extension(image_path) or ".nii.gz"
 
 
-def _private_result_path(written_path: str) -> str:
-    """Move a result MONAI Label's Writer wrote into the system temporary folder to a name of its own in
-    RESULTS_DIR, and return it. The endpoint deletes the file once answered, and MONAI Label's client saves the
-    answer under the file's name in the same temporary folder: with the Writer's name, a client on the server's
-    machine saved its result where the server then deleted it. Names carry a uuid, so no two requests share one."""
+def _result_path(extension: str) -> str:
+    """A new file in RESULTS_DIR for one click's result. The endpoint deletes it once answered, and MONAI Label's
+    client saves the answer under the file's name in the system temporary folder: a name of MONAI Label's Writer
+    (a temporary file there) let a client on the server's machine save its result where the server then deleted
+    it. Names carry a uuid, so no two requests share one."""
     RESULTS_DIR.mkdir(mode=0o700, exist_ok=True)
-    private = RESULTS_DIR / f"{uuid.uuid4().hex}-{os.path.basename(written_path)}"
-    os.replace(written_path, private)
-    return str(private)
+    return str(RESULTS_DIR / f"{uuid.uuid4().hex}-mais-result{extension}")
