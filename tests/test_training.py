@@ -302,6 +302,22 @@ def test_fit_validates_before_during_and_after_and_keeps_the_best_weights(tmp_pa
     assert again.score == pytest.approx(result.best.score, abs=1e-6)
 
 
+def test_fit_keeping_the_latest_weights_keeps_the_last_validation_that_beats_the_start(tmp_path, tiny_weights):
+    """What the web-UI trainer asks for when it validates on its training images (lib/trainers/mais.py)."""
+    crops = tiny_crops(2, seed=5)
+    # at this learning rate the score peaks at step 2 and falls back, still above the start, by step 12
+    config = fit_config(tmp_path, tiny_weights, "val", steps=12, validate_every=2, synthetic_fraction=0.0, lr=5e-3)
+    validations = []
+    result = fit(config.replace(keep_weights="latest"), crops=crops, val_crops=crops, on_validation=validations.append)
+    start, later = validations[0], validations[1:]
+    beating = [v for v in later if v.score > start.score]
+    assert beating and result.best_step == beating[-1].step and result.best.score == beating[-1].score
+    # the setting matters on this run: the best score came earlier than the latest that beats the start
+    assert max(later, key=lambda v: v.score).step != result.best_step
+    kept = validate(load_mais(config.best_path).train(), crops, config.clicks, step=result.best_step, seed=config.seed)
+    assert kept.score == pytest.approx(result.best.score, abs=1e-6)
+
+
 def test_validation_is_deterministic_and_restores_train_mode(tiny_weights):
     model = load_mais(tiny_weights).train()
     set_encoder_frozen(model, True)

@@ -92,6 +92,11 @@ class FitConfig(BaseModel):
     time_budget_s: float | None = Field(None, gt=0, description="stop (and checkpoint) before this many seconds")
     amp: Literal["auto", "bf16", "none"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    keep_weights: Literal["best", "latest"] = Field(
+        "best",
+        description="validated weights the run keeps at best_path: the best score, or the latest that beats the "
+        "starting weights (for validation on the training images themselves, where the best score is noise)",
+    )
     log_every: int = Field(10, ge=1, description="steps between log lines")
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints (weights and training state)")
     validate_every: int = Field(
@@ -108,7 +113,7 @@ class FitConfig(BaseModel):
 
     @property
     def best_path(self) -> Path:
-        """Where the weights with the best validation score are written, beside the weights."""
+        """Where the validated weights `keep_weights` chooses are written, beside the weights."""
         return self.out.with_name(self.out.name.removesuffix(".pt") + ".best.pt")
 
     @model_validator(mode="after")

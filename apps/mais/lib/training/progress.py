@@ -55,8 +55,9 @@ def format_log(log: TrainingLog, cache: EmbeddingCache | None) -> str:
 
 
 class ValidationTracker:
-    """Runs `validate` (on rank 0), keeps the baseline (the starting weights, step 0 of a fresh run) and the best
-    result since, and writes the best weights to `config.best_path` whenever the score improves on both."""
+    """Runs `validate` (on rank 0), keeps the baseline (the starting weights, step 0 of a fresh run) and the kept
+    result since, and writes the weights to `config.best_path` whenever a result is kept: one that beats the
+    baseline and, with `keep_weights` "best", every result kept before."""
 
     def __init__(
         self,
@@ -80,8 +81,8 @@ class ValidationTracker:
             self.baseline = result
             logger.info("validation before training (%d crops): %s score %.4f", len(self.crops), dice, result.score)
         else:
-            reference = max((r.score for r in (self.baseline, self.best) if r is not None), default=-1.0)
-            improved = result.score > reference
+            rivals = (self.baseline, self.best) if self.config.keep_weights == "best" else (self.baseline,)
+            improved = result.score > max((r.score for r in rivals if r is not None), default=-1.0)
             if improved:
                 self.best, self.best_step = result, step
                 save_mais(
@@ -93,7 +94,7 @@ class ValidationTracker:
                     },
                 )
             logger.info(
-                "validation at step %d: %s score %.4f%s", step, dice, result.score, " (best so far)" if improved else ""
+                "validation at step %d: %s score %.4f%s", step, dice, result.score, " (kept)" if improved else ""
             )
         if self.on_validation is not None:
             self.on_validation(result)
