@@ -5,6 +5,11 @@ step, upsampling, resampling onto the original grid). Used where the server cann
 machine, whose Python lacks monailabel; HTTP and result writing come on top (see bench_server.py on the CPU).
 
     .venv/bin/python benchmarks/bench_session.py --device cuda
+    .venv/bin/python benchmarks/bench_session.py --device cuda --profile 30   # and where a later click's time goes
+
+`--profile N` then runs the first case's later clicks once more under torch.profiler and prints its N most
+expensive operators by their own time on the host and on the GPU, with the click's wall time beside the GPU's busy
+time: a click bound by launches and the host shows GPU time well below wall time.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main() -> None:
     parser = model_benchmark_parser(__doc__)
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile the first case's later clicks")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -51,6 +57,37 @@ def main() -> None:
                 if click is None:
                     break
         print(f"{image_id + ':' + label:28s} {summary(first)} {summary(later)}")
+        if args.profile and image_id == CASES[0][0]:
+            profiled = (image, gt, model, args.clicks, sync)
+    if args.profile:
+        profile_later_clicks(*profiled, rows=args.profile)
+
+
+def profile_later_clicks(image: ModelSpaceImage, gt: np.ndarray, model, clicks: int, sync, rows: int) -> None:
+    """One session's clicks 2..K under torch.profiler: the operators' own host and GPU time, and the share of the
+    clicks' wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    rng = np.random.default_rng(1)
+    session = InteractiveSession(image, model)
+    session.add_click(first_click(gt, rng))
+    sync()
+    wall_s = 0.0  # of the clicks alone: placing the next one (distance transforms) is no part of a click
+    with profile(activities=activities) as profiler:
+        for _ in range(clicks - 1):
+            click = next_click(gt, session.mask, rng)
+            if click is None:
+                break
+            started = time.perf_counter()
+            session.add_click(click)
+            sync()
+            wall_s += time.perf_counter() - started
+    events = profiler.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    print(f"\nprofile of {clicks - 1} later clicks: wall {wall_s * 1e3:.1f} ms, GPU busy {device_us / 1e3:.1f} ms")
+    sort = "self_cuda_time_total" if ProfilerActivity.CUDA in activities else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=rows))
 
 
 if __name__ == "__main__":
