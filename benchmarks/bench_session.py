@@ -8,8 +8,9 @@ machine, whose Python lacks monailabel; HTTP and result writing come on top (see
     .venv/bin/python benchmarks/bench_session.py --device cuda --profile 30   # and where a later click's time goes
 
 `--profile N` then runs the first case's later clicks once more under torch.profiler and prints its N most
-expensive operators by their own time on the host and on the GPU, with the click's wall time beside the GPU's busy
-time: a click bound by launches and the host shows GPU time well below wall time.
+expensive operators (one row per operator and input shapes) by their own time on the host and on the GPU, with
+the clicks' wall time beside the GPU's busy time: a click bound by launches and the host shows GPU time well
+below wall time.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def profile_later_clicks(image: ModelSpaceImage, gt: np.ndarray, model, clicks: 
     session.add_click(first_click(gt, rng))
     sync()
     wall_s = 0.0  # of the clicks alone: placing the next one (distance transforms) is no part of a click
-    with profile(activities=activities) as profiler:
+    with profile(activities=activities, record_shapes=True) as profiler:
         for _ in range(clicks - 1):
             click = next_click(gt, session.mask, rng)
             if click is None:
@@ -83,7 +84,7 @@ def profile_later_clicks(image: ModelSpaceImage, gt: np.ndarray, model, clicks: 
             session.add_click(click)
             sync()
             wall_s += time.perf_counter() - started
-    events = profiler.key_averages()
+    events = profiler.key_averages(group_by_input_shape=True)  # one row per operator and input shapes
     device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
     print(f"\nprofile of {clicks - 1} later clicks: wall {wall_s * 1e3:.1f} ms, GPU busy {device_us / 1e3:.1f} ms")
     sort = "self_cuda_time_total" if ProfilerActivity.CUDA in activities else "self_cpu_time_total"
