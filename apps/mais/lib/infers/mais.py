@@ -189,8 +189,8 @@ def _own_extension(image_path: str) -> str:
 
 def _result_path(extension: str) -> str:
     """A new file in RESULTS_DIR for one click's result. The endpoint deletes it once answered, and MONAI Label's
-    client saves the answer under the file's name in the system temporary folder: a name of MONAI Label's Writer
-    (a temporary file there) let a client on the server's machine save its result where the server then deleted
-    it. Names carry a uuid, so no two requests share one."""
+    client saves the answer under the file's name in the system temporary folder: were the result written there,
+    a client on the server's machine would save its copy where the server then deletes it. Names carry a uuid,
+    so no two requests share one."""
     RESULTS_DIR.mkdir(mode=0o700, exist_ok=True)
     return str(RESULTS_DIR / f"{uuid.uuid4().hex}-mais-result{extension}")
