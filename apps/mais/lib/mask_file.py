@@ -7,7 +7,8 @@ byte boundary with a non-final block, so the joined pieces are one valid deflate
 far the most common, is deflated once per process and reused; the others are deflated in a thread pool, since
 zlib releases the GIL. What comes out is an ordinary single-member gzip file that every reader opens (ITK, which
 Slicer uses, nibabel, pynrrd, SimpleITK): on the 2-core CPU a 512 x 512 x 300 lesion mask took 112 ms through
-MONAI Label's Writer (ITK) and takes a fraction of that here (benchmarks/bench_server.py prints the `write` stage).
+MONAI Label's Writer (ITK) and takes 36 ms here, the sample CT's 16 ms and 6 ms (benchmarks/bench_server.py prints
+the `write` stage).
 
 The geometry is MONAI Label's (monailabel.transform.writer.write_itk): the RAS affine of the image as loaded,
 written as LPS in NRRD and as qform and sform (code 1, scanner) in NIfTI. tests/test_mask_file.py writes the
