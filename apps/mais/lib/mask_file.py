@@ -27,10 +27,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from lib.volume_formats import ResultDtype
+
 CHUNK_BYTES = 1 << 18  # 256 KiB: about one slice of a 512 x 512 CT, so zero slices are skipped whole
 DEFLATE_LEVEL = 1  # nibabel's default: the pieces holding the mask, deflated at every click
 ZEROS_DEFLATE_LEVEL = 9  # the zero pieces, deflated once: 275 bytes per 256 KiB instead of level 1's 1165
-_NRRD_TYPES = {
+_NRRD_TYPES: dict[ResultDtype, str] = {
     "uint8": "unsigned char",
     "uint16": "unsigned short",
     "int16": "short",
@@ -54,7 +56,7 @@ def write_mask(path: str | os.PathLike, voxels: np.ndarray, affine: np.ndarray, 
         raise ValueError(f"result voxels of {voxels.dtype} cannot be written; one of {sorted(_NRRD_TYPES)}")
     voxels = voxels.astype(voxels.dtype.newbyteorder("<"), order="F", copy=False)
     # index i fastest: NRRD's and NIfTI's order, and a view of the bytes of a Fortran-ordered array
-    payload = memoryview(np.asfortranarray(voxels).T.reshape(-1)).cast("B")
+    payload = memoryview(voxels.T.reshape(-1)).cast("B")
     affine = np.asarray(affine, dtype=np.float64)
     if path.endswith(".nrrd"):
         header = _nrrd_header(voxels, affine, "gzip" if compress else "raw")
@@ -73,8 +75,7 @@ def write_mask(path: str | os.PathLike, voxels: np.ndarray, affine: np.ndarray, 
 
 def _nrrd_header(voxels: np.ndarray, affine: np.ndarray, encoding: str) -> bytes:
     lps = _LPS_FROM_RAS @ affine
-    vector = "({})".format
-    directions = " ".join(vector(",".join(repr(float(x)) for x in lps[:3, axis])) for axis in range(3))
+    directions = " ".join(_nrrd_vector(lps[:3, axis]) for axis in range(3))
     lines = [
         "NRRD0004",
         "# Complete NRRD file format specification at:",
@@ -87,9 +88,13 @@ def _nrrd_header(voxels: np.ndarray, affine: np.ndarray, encoding: str) -> bytes
         "kinds: domain domain domain",
         *(["endian: little"] if voxels.dtype.itemsize > 1 else []),
         f"encoding: {encoding}",
-        "space origin: " + vector(",".join(repr(float(x)) for x in lps[:3, 3])),
+        f"space origin: {_nrrd_vector(lps[:3, 3])}",
     ]
     return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+def _nrrd_vector(values: np.ndarray) -> str:
+    return "(" + ",".join(repr(float(x)) for x in values) + ")"
 
 
 def _nifti_header(voxels: np.ndarray, affine: np.ndarray) -> bytes:
