@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, Orientation, Spacing, SpatialCrop, SpatialResample
 from torch import Tensor
@@ -289,16 +290,33 @@ class ModelSpaceImage:
         src_lo = np.maximum(np.asarray(model_lo) - 1, 0)
         src_hi = np.minimum(np.asarray(model_hi) + 1, self.shape)
         source = model_logits[(slice(None), *(slice(int(a), int(b)) for a, b in zip(src_lo, src_hi)))]
-        resampled = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
-            MetaTensor(source.float(), affine=_starting_at(self.affine, src_lo).float()),
-            dst_affine=_starting_at(self.original_affine, lo).float(),
-            spatial_size=box_shape,
-        )
-        return box, (resampled[0] > 0).cpu().numpy()
+        grid = _sampling_grid(self._original_to_model.numpy(), lo, box_shape, src_lo, source.shape[1:], source.device)
+        # grid_sample itself, not MONAI's SpatialResample: the same trilinear values, without ~200 small tensor
+        # operations of MetaTensor and affine bookkeeping a click (on a GPU each a launch, some a host sync)
+        resampled = F.grid_sample(source[None].float(), grid, padding_mode="border", align_corners=True)
+        return box, (resampled[0, 0] > 0).cpu().numpy()
 
 
-def _starting_at(affine: Tensor, first_voxel: np.ndarray) -> Tensor:
-    """The affine [4, 4] of the sub-grid of `affine`'s grid whose voxel 0 is `first_voxel` [3]."""
-    shifted = affine.clone()
-    shifted[:3, 3] = (affine @ torch.tensor([*first_voxel, 1.0], dtype=torch.float64))[:3]
-    return shifted
+def _sampling_grid(
+    original_to_model: np.ndarray,
+    box_lo: np.ndarray,
+    box_shape: tuple[int, int, int],
+    source_lo: np.ndarray,
+    source_shape: tuple[int, ...],
+    device: torch.device,
+) -> Tensor:
+    """`F.grid_sample`'s grid [1, *box_shape, 3] (align_corners=True) that reads, for every original voxel of the
+    box starting at `box_lo`, the model-space source cut starting at `source_lo` (shape `source_shape`) where
+    `original_to_model` [4, 4] puts the voxel's centre."""
+    linear = original_to_model[:3, :3]
+    offset = linear @ box_lo + original_to_model[:3, 3] - source_lo  # box voxel 0 in source voxels
+    scale = 2.0 / np.maximum(np.asarray(source_shape) - 1, 1)  # source voxels -> [-1, 1]; an axis of 1 reads 0
+    # the grid's last axis is (Z, Y, X) for a [N, C, X, Y, Z] input: reversed
+    steps = torch.as_tensor((linear * scale[:, None])[::-1].copy(), dtype=torch.float32, device=device)
+    grid = torch.as_tensor((offset * scale - 1)[::-1].copy(), dtype=torch.float32, device=device)
+    grid = grid.expand(*box_shape, 3).clone()
+    for axis, size in enumerate(box_shape):
+        index_shape = [1, 1, 1, 1]
+        index_shape[axis] = size
+        grid += torch.arange(size, dtype=torch.float32, device=device).view(index_shape) * steps[:, axis]
+    return grid[None]

@@ -70,16 +70,31 @@ class ModelLoader:
         else:
             raise WeightsError(f"{path}: replaced {MAX_LOAD_ATTEMPTS} times while being read")
         started = time.perf_counter()
-        warm_up(model)
+        prepare_for_serving(model)
         logger.info("loaded MAIS weights %s on %s (warm-up %.2f s)", path, self.device, time.perf_counter() - started)
         # the inode too: a file put back with its old modification time (cp -p, a restored backup) is new weights
         return ServedModel(model, f"{path.name}@{before[0]}:{before[1]}"), before
 
 
+def prepare_for_serving(model: Mais) -> None:
+    """Set a loaded model up as a served one (the server's loader and benchmarks/bench_session.py call this).
+
+    On a GPU a served click is bound by the host's kernel launches, not by the GPU (benchmarks/RESULTS.md), so:
+    the mask decoder is replayed as CUDA graphs, and PyTorch's linear layers with a bias skip cuBLASLt, which on
+    the H200 host cost a click 6-12 ms more than plain cuBLAS (`DISABLE_ADDMM_CUDA_LT`, read by PyTorch once, at
+    the process's first such product: the served model's warm-up below, unless something ran before it).
+    Then the warm-up."""
+    if next(model.parameters()).is_cuda:
+        os.environ.setdefault("DISABLE_ADDMM_CUDA_LT", "1")
+        model.use_cuda_graphs()
+    warm_up(model)
+
+
 @torch.inference_mode()
 def warm_up(model: Mais) -> None:
     """One embed and one predict on a blank crop: the first call of each pays for kernel selection and memory
-    allocation (on a GPU, seconds), which the first click would pay otherwise."""
+    allocation (on a GPU, seconds; with CUDA graphs, the recording of the first click's), which the first click
+    would pay otherwise."""
     device, size = next(model.parameters()).device, model.img_size
     embedding = model.embed_image(torch.zeros((1, 1, size, size, size), device=device))
     centre = torch.full((1, 1, 3), size / 2, device=device)

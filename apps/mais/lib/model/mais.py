@@ -32,6 +32,7 @@ from medim.models.sam_med3d import MaskDecoder3D, PromptEncoder3D
 from torch import Tensor, nn
 
 from .config import MaisConfig
+from .cuda_graphs import DecoderGraphs, decode
 from .image_encoder import ImageEncoder3D
 from .memory_attention import MemoryAttention, MemoryAttentionWeights
 from .memory_bank import MemoryBank, MemoryEntry
@@ -73,6 +74,8 @@ class Mais(nn.Module):
         self.memory_attention = memory_attention
         self.refinement = refinement
         self.config = config
+        self.decoder_graphs: DecoderGraphs | None = None  # `use_cuda_graphs`
+        self._dense_pe: tuple[tuple, Tensor] | None = None  # (what it was computed from, the encoding)
 
     @property
     def memory_mode(self) -> str:
@@ -81,6 +84,23 @@ class Mais(nn.Module):
     @property
     def img_size(self) -> int:
         return self.image_encoder.img_size
+
+    def use_cuda_graphs(self) -> None:
+        """Replay the mask decoder of batch-1 inference on CUDA as CUDA graphs (lib.model.cuda_graphs): what a
+        served click runs. Training and batches run it as before."""
+        self.decoder_graphs = DecoderGraphs(self.mask_decoder)
+
+    def dense_pe(self) -> Tensor:
+        """The prompt encoder's positional encoding of the embedding grid [1, E, 8, 8, 8]: a function of one
+        fixed buffer, so computed once (~20 kernels a click otherwise) and again only when the buffer changes
+        (a load, a move to another device). A plain tensor without grad, so that training and inference can
+        both use it."""
+        gaussian = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        source = (gaussian.device, gaussian.data_ptr(), gaussian._version)
+        if self._dense_pe is None or self._dense_pe[0] != source:
+            with torch.inference_mode(False), torch.no_grad():
+                self._dense_pe = (source, self.prompt_encoder.get_dense_pe())
+        return self._dense_pe[1]
 
     def embed_image(self, volume: Tensor) -> Tensor:
         """volume [B, 1, S, S, S] (S = 128, normalised as SAM-Med3D expects) -> embedding [B, E, S/16, S/16, S/16]."""
@@ -126,7 +146,7 @@ class Mais(nn.Module):
         sparse, dense = self.prompt_encoder(
             points=(point_coords.float(), point_labels), boxes=None, masks=prev_low_res_logits
         )
-        image_pe = self.prompt_encoder.get_dense_pe()
+        image_pe = self.dense_pe()
         mode = self.memory_mode
         if mode == "none":
             entry, attention, src = MemoryEntry(), None, image_embeddings
@@ -137,15 +157,10 @@ class Mais(nn.Module):
             slots = memory.newest_first() if memory is not None else ()
             memory_term, attention = self.memory_attention(image_embeddings, image_pe, entry, slots, mode)
             src = image_embeddings + memory_term
-        # the decoder's second output, its mask-quality estimate, is for choosing among several masks: MAIS asks
-        # for one
-        low_res_logits, _ = self.mask_decoder(
-            image_embeddings=src,
-            image_pe=image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
+        if self.decoder_graphs is not None and self.decoder_graphs.accepts(src):
+            low_res_logits = self.decoder_graphs(src, image_pe, sparse, dense)
+        else:
+            low_res_logits = decode(self.mask_decoder, src, image_pe, sparse, dense)
         return MaisOutput(low_res_logits, entry, attention)
 
     def forward(self, *args, **kwargs) -> MaisOutput:
