@@ -119,8 +119,11 @@ def test_a_mask_goes_back_to_an_oblique_grid_as_monai_would_resample_it():
     source_affine[:3, 3] = (image.affine @ torch.tensor([*src_lo, 1.0], dtype=torch.float64))[:3]
     box_affine[:3, 3] = (image.original_affine @ torch.tensor([*first, 1.0], dtype=torch.float64))[:3]
     source = logits[(slice(None), *(slice(a, b) for a, b in zip(src_lo, src_hi)))]
-    expected = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
-        MetaTensor(source, affine=source_affine.float()), dst_affine=box_affine.float(), spatial_size=mask.shape
-    )[0].numpy() > 0
+    expected = (
+        SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
+            MetaTensor(source, affine=source_affine.float()), dst_affine=box_affine.float(), spatial_size=mask.shape
+        )[0].numpy()
+        > 0
+    )
     assert expected.sum() > 1000 and (~expected).sum() > 1000
     assert (mask != expected).sum() <= expected.sum() * 1e-4, ((mask != expected).sum(), expected.sum())

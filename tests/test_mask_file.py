@@ -70,13 +70,16 @@ def test_a_result_reads_back_as_what_monai_labels_writer_wrote_with_itk(results,
 
 def test_a_compressed_result_is_one_gzip_member_with_its_checksum(results, tmp_path):
     """A reader that stops at the first member's end (pynrrd, zlib.decompressobj) must get every voxel, and the
-    gzip trailer's CRC-32 and size are checked by the decompressor."""
-    _, voxels, affine = results[1]
-    write_mask(tmp_path / "noise.nii.gz", voxels, affine)
-    stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    data = stream.decompress((tmp_path / "noise.nii.gz").read_bytes())
-    assert stream.eof and stream.unused_data == b""
-    assert data[352:] == voxels.tobytes(order="F")
+    gzip trailer's CRC-32 and size are checked by the decompressor: with every chunk deflated, with zero chunks
+    among them, and with a short zero chunk at the end (an empty result whose size is no multiple of a chunk)."""
+    empty = ("empty", np.zeros((301, 250, 9), np.uint8, order="F"), np.eye(4))
+    assert empty[1].nbytes % CHUNK_BYTES and empty[1].nbytes > CHUNK_BYTES
+    for name, voxels, affine in [*results, empty]:
+        write_mask(tmp_path / f"{name}.nii.gz", voxels, affine)
+        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        data = stream.decompress((tmp_path / f"{name}.nii.gz").read_bytes())
+        assert stream.eof and stream.unused_data == b"", name
+        assert data[352:] == voxels.tobytes(order="F"), name
 
 
 def test_a_result_that_cannot_be_written_is_refused_with_its_reason(tmp_path):
