@@ -28,9 +28,11 @@
 # /tmp/whl311, then WHEELS=/tmp/whl311).
 #
 # Settings (environment): PYTHON (python3), WHEELS (.whl-server), SITE (/tmp/site), STUDIES (/tmp/studies),
-# PORT (a free one), DEVICE (auto; cuda stops the run at once when torch sees no GPU), CLICKS (10) and REPEAT (3) of
-# bench_server, LARGE_REPEAT (2, the large CT's repetitions: its own run), USERS (20) and CC_CLICKS (20) of
-# bench_concurrency, BUDGET_S (480).
+# PORT (a free one), DEVICE (auto; cuda stops the run at once when torch sees no GPU), CLICKS (10), REPEAT (3) and
+# CASES (bench_server's --cases; all its sample cases when empty) of bench_server, LARGE_REPEAT (2, the large CT's
+# repetitions: its own run; 0 builds no large CT), USERS (20; 0 skips it) and CC_CLICKS (20) of bench_concurrency,
+# BUDGET_S (480). The sample CT alone, in the least device time (~2.5 minutes with the start):
+#   CASES=lung1 LARGE_REPEAT=0 USERS=0 DEVICE=cuda bash scripts/bench_gpu_server.sh "$OUT"
 set -uo pipefail
 OUT=${1:?usage: bench_gpu_server.sh OUT}
 mkdir -p "$OUT"
@@ -47,6 +49,7 @@ REPEAT=${REPEAT:-3}
 LARGE_REPEAT=${LARGE_REPEAT:-2}
 USERS=${USERS:-20}
 CC_CLICKS=${CC_CLICKS:-20}
+CASES=${CASES:-}
 BUDGET_S=${BUDGET_S:-480}
 URL="http://127.0.0.1:$PORT"
 STEPS="$OUT/steps.txt"
@@ -120,7 +123,9 @@ fi
 # 2. the studies: sample-data (without the index MONAI Label writes into it) and the 300-slice CT
 rm -rf "$STUDIES" && mkdir -p "$STUDIES"
 cp -r sample-data/. "$STUDIES"/ && rm -f "$STUDIES/datastore_v2.json" "$STUDIES/.lock"
-step "build the large CT" "$(limit 120)" "$STEPS" "$PYTHON" scripts/build_large_ct.py "$STUDIES" || exit 1
+if [ "$LARGE_REPEAT" -gt 0 ]; then
+  step "build the large CT" "$(limit 120)" "$STEPS" "$PYTHON" scripts/build_large_ct.py "$STUDIES" || exit 1
+fi
 
 # 3. the server, as a user starts it; its own process group, so that stopping it ends its job processes too
 log "starting the server on $URL"
@@ -165,11 +170,15 @@ grep -m3 -E "loaded MAIS weights|MAIS cannot start" "$OUT/server.log" | tee -a "
 # loses one of them only), then the annotators at once
 : >"$OUT/bench_server.txt"
 step "bench_server: sample cases" "$(limit 200 200)" "$OUT/bench_server.txt" "$PYTHON" benchmarks/bench_server.py \
-  --url "$URL" --studies "$STUDIES" --clicks "$CLICKS" --repeat "$REPEAT"
+  --url "$URL" --studies "$STUDIES" --clicks "$CLICKS" --repeat "$REPEAT" ${CASES:+--cases $CASES}
 echo >>"$OUT/bench_server.txt"
-step "bench_server: large CT" "$(limit 150 120)" "$OUT/bench_server.txt" "$PYTHON" benchmarks/bench_server.py \
-  --url "$URL" --studies "$STUDIES" --large-ct --cases lung1_300 --clicks "$CLICKS" --repeat "$LARGE_REPEAT"
-step "bench_concurrency" "$(limit 300 30)" "$OUT/bench_concurrency.txt" "$PYTHON" benchmarks/bench_concurrency.py \
-  --url "$URL" --studies "$STUDIES" --users "$USERS" --clicks "$CC_CLICKS"
+if [ "$LARGE_REPEAT" -gt 0 ]; then
+  step "bench_server: large CT" "$(limit 150 120)" "$OUT/bench_server.txt" "$PYTHON" benchmarks/bench_server.py \
+    --url "$URL" --studies "$STUDIES" --large-ct --cases lung1_300 --clicks "$CLICKS" --repeat "$LARGE_REPEAT"
+fi
+if [ "$USERS" -gt 0 ]; then
+  step "bench_concurrency" "$(limit 300 30)" "$OUT/bench_concurrency.txt" "$PYTHON" benchmarks/bench_concurrency.py \
+    --url "$URL" --studies "$STUDIES" --users "$USERS" --clicks "$CC_CLICKS"
+fi
 { echo; echo "after the benchmarks:"; timeout 20 nvidia-smi || true; } >>"$OUT/nvidia-smi.txt" 2>&1
 exit 0
