@@ -187,3 +187,20 @@ def test_predict_checks_shapes(model, emb):
     with torch.no_grad():
         out = model.predict(emb, torch.zeros(1, 0, 3), torch.zeros(1, 0, dtype=torch.long))  # mask-only step
     assert out.low_res_logits.shape == (1, 1, 32, 32, 32)
+
+
+def test_the_positional_encoding_is_computed_again_when_its_buffer_changes():
+    """`dense_pe` is kept between clicks; loading weights with another encoding (the buffer copied in place) must
+    give that encoding, not the kept one, and a model used for inference must still train."""
+    model = make_model()
+    with torch.inference_mode():
+        kept = model.dense_pe()
+    torch.testing.assert_close(kept, model.prompt_encoder.get_dense_pe())
+    other = make_model(seed=1).state_dict()
+    model.load_state_dict(other)
+    assert not torch.equal(model.dense_pe(), kept)
+    torch.testing.assert_close(model.dense_pe(), model.prompt_encoder.get_dense_pe())
+    emb = torch.randn(1, 384, 8, 8, 8)
+    out = model.predict(emb, *clicks())
+    out.low_res_logits.sum().backward()  # an inference tensor in the graph would refuse this
+    assert model.mask_decoder.output_upscaling[0].weight.grad is not None

@@ -28,7 +28,8 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-# Token counts a server keeps graphs for; a session's window rarely holds more clicks (each graph is ~10 MB).
+# Token counts a server keeps graphs for; a session's window rarely holds more clicks. A graph keeps its own
+# copy of the inputs (2.4 MB); the intermediates are in the pool all graphs share.
 MAX_GRAPHS = 64
 # Eager passes before a recording: the first ones of a shape choose cuBLAS / cuDNN kernels and allocate their
 # workspaces, which must not happen inside the graph.
