@@ -406,3 +406,20 @@ def test_an_empty_structure_is_refused_by_name(model, image):
         evaluate_structure(model, image, np.zeros(IMAGE_SHAPE, dtype=bool), "box", "center", clicks=2)
     with pytest.raises(ValueError, match="unknown click preset 'psychic'"):
         evaluate_structure(model, image, box_truth(), "box", "psychic", clicks=2)
+
+
+def test_every_part_of_the_mask_holds_a_positive_click():
+    """Parts of the mask that no positive click lies in are not what the user clicked: after the first click
+    on brain1's lesion the shipped weights also draw voxels apart from it, and the session drops them."""
+    from scipy import ndimage
+
+    from lib.imaging import ModelSpaceImage
+    from lib.model.weights import load_mais
+    from server import APP_DIR, SAMPLE_DATA
+
+    shipped = load_mais(APP_DIR / "model" / "mais_light.pt")
+    session = InteractiveSession(ModelSpaceImage.from_file(str(SAMPLE_DATA / "brain1.nrrd")), shipped)
+    click = Click((192, 98, 14), POSITIVE)
+    session.add_click(click)
+    parts, count = ndimage.label(session.mask, structure=np.ones((3, 3, 3), dtype=bool))
+    assert count == 1 and parts[click.coord] == 1, (count, int(session.mask.sum()))

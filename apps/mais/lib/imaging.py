@@ -270,6 +270,13 @@ class ModelSpaceImage:
         )
         return resampled.as_tensor().round().to(torch.int64)
 
+    def original_box(self, model_lo: np.ndarray, model_hi: np.ndarray) -> tuple[slice, ...]:
+        """The original voxels whose centres fall in the model-space box [model_lo, model_hi) (may be empty)."""
+        corners_original = _transform(self._model_to_original.numpy(), _box_corners(model_lo, np.asarray(model_hi) - 1))
+        lo = np.clip(np.floor(corners_original.min(0)).astype(int), 0, self.original_shape)
+        hi = np.clip(np.ceil(corners_original.max(0)).astype(int) + 1, 0, self.original_shape)
+        return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
     def to_original_grid(
         self, model_logits: Tensor, model_lo: np.ndarray, model_hi: np.ndarray
     ) -> tuple[tuple[slice, ...], np.ndarray]:
@@ -279,11 +286,9 @@ class ModelSpaceImage:
         box; the caller pastes them into the full mask. Resampling only where a click can have changed the mask
         keeps a later click cheap (the whole window's footprint on Colin27 took 0.35 s on 2 CPU cores).
         """
-        corners_original = _transform(self._model_to_original.numpy(), _box_corners(model_lo, np.asarray(model_hi) - 1))
-        lo = np.clip(np.floor(corners_original.min(0)).astype(int), 0, self.original_shape)
-        hi = np.clip(np.ceil(corners_original.max(0)).astype(int) + 1, 0, self.original_shape)
-        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        box_shape = tuple(int(b - a) for a, b in zip(lo, hi))
+        box = self.original_box(model_lo, model_hi)
+        lo = np.array([b.start for b in box])
+        box_shape = tuple(b.stop - b.start for b in box)
         if min(box_shape) <= 0:
             return box, np.zeros(box_shape, dtype=bool)
         # the source is cut to the box plus one voxel (trilinear support)

@@ -5,7 +5,8 @@ order: the step sees every click inside the crop window so far (only the new cli
 config.prompt_clicks is "latest"), the window's previous low-res logits and the window's memory bank of earlier
 steps. A click far from the current window (or outside it) opens a window centred on it, seeded with the mask
 predicted so far, so a structure larger than one 128^3 crop (96 mm at 0.75 mm) is segmented window by window
-instead of being cut at the crop border.
+instead of being cut at the crop border. The mask keeps only its connected parts that hold a positive click
+(`_keep_clicked_parts`).
 
 A request brings the segment's full click history: `apply` orders it by the clicks the session has applied
 (`lib.clicks.history.common_prefix`, as the session store does before `advance`, which takes it ordered); either
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor
 
 from lib.clicks.history import Voxel, common_prefix
-from lib.clicks.simulator import Click
+from lib.clicks.simulator import POSITIVE, Click
 from lib.imaging import BACKGROUND_LOGIT, CROP_MARGIN, CROP_SIZE, CropWindow, ModelSpaceImage
 from lib.model.interaction import InteractionState
 
@@ -38,6 +40,8 @@ MIN_BORDER_VOXELS = 20
 # The point that seeds a neighbouring window sits this deep inside the face (model voxels), where the
 # mask is still well defined.
 BORDER_POINT_DEPTH = 4
+# Voxels that touch by a face, an edge or a corner are one part of the mask (`_keep_clicked_parts`).
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
 @dataclass
@@ -136,6 +140,35 @@ class InteractiveSession:
         neighbour = self._neighbour_across_border(window, window_logits)
         if neighbour is not None:
             self._step(*neighbour, keep=window.crop)
+        self._keep_clicked_parts()
+
+    def _keep_clicked_parts(self) -> None:
+        """Drop the parts of the mask (connected components) that no positive click lies in: what the user
+        clicked is what they segment, and an island the network draws elsewhere (a neighbouring structure of
+        similar intensity) is not theirs. When no positive click lies on the mask at all, the mask stays as
+        the network drew it. Measured on the 17 unseen held-out structures (run 14, centre clicks): Dice after
+        1 / 5 / 10 clicks 0.332 / 0.541 / 0.592 without, 0.350 / 0.565 / 0.605 with (breast1's lesion at the
+        first click 0.44 -> 0.61); benchmarks/results/generalist/README.md.
+
+        The logits keep the dropped parts, so a part that a later step joins to a clicked one comes back: it
+        lies in its window's box of positive logits, which that step resamples."""
+        # the mask is set only inside the windows' boxes of positive logits: label there, not the whole grid
+        boxes = [self.image.original_box(*w.positive_box) for w in self.windows if w.positive_box is not None]
+        positives = np.array([c.coord for c in self.clicks if c.label == POSITIVE])
+        if not boxes or not len(positives):
+            return
+        lo = np.min([[b.start for b in box] for box in boxes], axis=0)
+        hi = np.max([[b.stop for b in box] for box in boxes], axis=0)
+        in_box = self.mask[tuple(slice(a, b) for a, b in zip(lo, hi))]  # a view: writing it writes the mask
+        parts, _ = ndimage.label(in_box, structure=CONNECTIVITY)
+        inside = positives[np.all((positives >= lo) & (positives < hi), axis=1)] - lo
+        clicked = np.setdiff1d(parts[tuple(inside.T)], [0])
+        if not len(clicked):
+            return
+        dropped = (parts > 0) & ~np.isin(parts, clicked)
+        if dropped.any():
+            in_box[dropped] = False
+            self._mark_changed(lo, hi)
 
     def _step(
         self, window: _Window, click_coords: Tensor, click_labels: Tensor, keep: CropWindow | None = None
