@@ -41,6 +41,8 @@ from scipy import ndimage
 from torch import Tensor
 
 POSITIVE, NEGATIVE, PADDING = 1, 0, -1
+# Voxels that touch by a face, an edge or a corner are one part of a mask.
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 ClickRule = Literal["center", "random", "deepest"]
 PLACEMENT_RULES = ("center", "random", "deepest")
@@ -371,9 +373,17 @@ def _distance_to_boundary(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return distance, lo
 
 
+def parts_holding(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The 26-connected parts of bool `mask` [D0, D1, D2] that hold one of `points` [N, 3] (voxel indices inside
+    the mask's array), as a bool array of its shape; all False when no point lies on the mask."""
+    parts, _ = ndimage.label(mask, structure=CONNECTIVITY)
+    held = np.setdiff1d(parts[tuple(np.asarray(points, dtype=int).reshape(-1, 3).T)], [0])
+    return np.isin(parts, held)
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray | None:
     """The largest 26-connected component of bool `mask` [D0, D1, D2], or None if it is empty."""
-    labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    labelled, count = ndimage.label(mask, structure=CONNECTIVITY)
     if count == 0:
         return None
     sizes = np.bincount(labelled.ravel())

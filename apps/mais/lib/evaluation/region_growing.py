@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 from monai.data import MetaTensor
-from scipy import ndimage
 
-from lib.clicks.simulator import POSITIVE, Click
+from lib.clicks.simulator import POSITIVE, Click, parts_holding
 
 BASELINE_NAME = "region_growing"
 
@@ -56,8 +55,7 @@ def grow(
     if negatives and mask.any():
         mask &= ~_nearer_negative(mask, spacing_mm, positives, negatives)
         # what the cut separated from every seed is no longer grown from one: keep the seeds' components
-        parts, _ = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-        mask = np.isin(parts, [parts[tuple(p)] for p in positives if parts[tuple(p)]])
+        mask = parts_holding(mask, np.array(positives))
     return mask
 
 

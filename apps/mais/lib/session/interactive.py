@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 from lib.clicks.history import Voxel, common_prefix
-from lib.clicks.simulator import POSITIVE, Click
+from lib.clicks.simulator import POSITIVE, Click, parts_holding
 from lib.imaging import BACKGROUND_LOGIT, CROP_MARGIN, CROP_SIZE, CropWindow, ModelSpaceImage
 from lib.model.interaction import InteractionState
 
@@ -40,8 +39,6 @@ MIN_BORDER_VOXELS = 20
 # The point that seeds a neighbouring window sits this deep inside the face (model voxels), where the
 # mask is still well defined.
 BORDER_POINT_DEPTH = 4
-# Voxels that touch by a face, an edge or a corner are one part of the mask (`_keep_clicked_parts`).
-CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
 @dataclass
@@ -160,12 +157,10 @@ class InteractiveSession:
         lo = np.min([[b.start for b in box] for box in boxes], axis=0)
         hi = np.max([[b.stop for b in box] for box in boxes], axis=0)
         in_box = self.mask[tuple(slice(a, b) for a, b in zip(lo, hi))]  # a view: writing it writes the mask
-        parts, _ = ndimage.label(in_box, structure=CONNECTIVITY)
-        inside = positives[np.all((positives >= lo) & (positives < hi), axis=1)] - lo
-        clicked = np.setdiff1d(parts[tuple(inside.T)], [0])
-        if not len(clicked):
+        clicked = parts_holding(in_box, positives[np.all((positives >= lo) & (positives < hi), axis=1)] - lo)
+        if not clicked.any():
             return
-        dropped = (parts > 0) & ~np.isin(parts, clicked)
+        dropped = in_box & ~clicked
         if dropped.any():
             in_box[dropped] = False
             self._mark_changed(lo, hi)
