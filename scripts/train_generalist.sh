@@ -6,9 +6,10 @@
 # restart from the committed weights (apps/mais/model/mais_light.pt, fp16): a fresh AdamW and a learning rate
 # that warms up and decays over the run's time budget, so device sessions add up.
 #
-#   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED [CLICKS]
+#   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED [CLICKS] [CLICK_LOSS_WEIGHT]
 #
-# CLICKS: interaction steps K per sample (default 10).
+# CLICKS: interaction steps K per sample (default 10). CLICK_LOSS_WEIGHT: the weight of the cross-entropy at the
+# clicks themselves (default 0: runs 1-15 trained without it).
 # OUT gets gen.pt (fp32), gen16.pt.part-* (the fp16 weights in pieces under the device's 16 MiB file limit:
 # `cat gen16.pt.part-* > apps/mais/model/mais_light.pt` here), train_log.txt and gpu_util.txt (nvidia-smi's
 # SM busy share every 5 s). The device call (benchmarks/results/generalist/README.md has the ones that ran):
@@ -18,7 +19,7 @@
 #   # typing-extensions wheels for the device's Python 3.12 (the device tool's README says how to download them)
 #   run(command="bash scripts/train_generalist.sh $OUT 96 3e-4 420 4", carry=[".whl", "data-cache"])
 set -euo pipefail
-out=$(realpath -m "$1") batch=$2 lr=$3 budget=$4 seed=$5 clicks=${6:-10}
+out=$(realpath -m "$1") batch=$2 lr=$3 budget=$4 seed=$5 clicks=${6:-10} click_loss_weight=${7:-0}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}  # e.g. PYTHON=.venv/bin/python to try it here on the CPU
 export PYTHONUNBUFFERED=1
@@ -34,6 +35,7 @@ if command -v nvidia-smi >/dev/null; then
 fi
 $PY -m lib.training.fit --init model/mais_light.pt --train-encoder \
   --training-cache ../../data-cache/training_cache.npz --cache-fraction 0.9 --click-mix mixed --clicks "$clicks" \
+  --click-loss-weight "$click_loss_weight" \
   --batch-size "$batch" --lr "$lr" --warmup-steps 10 --ce-weight 1.0 --steps 100000 --time-budget-s "$budget" \
   --no-deterministic --log-every 10 --checkpoint-every 100000 --seed "$seed" --out /tmp/run/gen.pt 2>&1 \
   | grep --line-buffered -v nvImage | tee "$out/train_log.txt"

@@ -18,7 +18,7 @@ from lib.training.data_sources import load_training_pairs, save_training_pair
 from lib.training.distributed import fit_distributed
 from lib.training.fit import build_parser, parse_args
 from lib.training.initial_model import set_encoder_frozen
-from lib.training.interaction_loop import InteractionConfig, run_interaction
+from lib.training.interaction_loop import InteractionConfig, click_loss, run_interaction
 from lib.training.loop import fit
 from lib.training.optimisation import make_optimiser
 from lib.training.real_data import StructureCrop
@@ -345,3 +345,36 @@ def test_a_training_cache_without_a_share_of_the_samples_is_refused_not_ignored(
             parse_args(argv)
     config, _ = parse_args(["--training-cache", "cache.npz", "--cache-fraction", "0.5"])
     assert config.cache_fraction == 0.5
+
+
+def test_the_click_loss_is_the_cross_entropy_around_each_click_against_the_truth():
+    truth = torch.zeros(1, 1, 16, 16, 16)
+    truth[0, 0, 4:12, 4:12, 4:12] = 1.0
+    coords = torch.tensor([[[8.0, 8.0, 8.0], [1.2, 1.4, 0.6], [15.0, 15.0, 15.0]]])
+    labels = torch.tensor([[1, 0, -1]])  # the third is padding
+    obeyed = torch.where(truth > 0, 6.0, -6.0)
+    # the positive click's 3^3 voxels turned background: only that click's voxels are wrong
+    disobeyed = obeyed.clone()
+    disobeyed[0, 0, 7:10, 7:10, 7:10] = -6.0
+    # a wrong voxel near the padding point alone changes nothing
+    padding_wrong = obeyed.clone()
+    padding_wrong[0, 0, 14:, 14:, 14:] = 6.0
+    low, high = click_loss(obeyed, truth, coords, labels), click_loss(disobeyed, truth, coords, labels)
+    assert high > 2.9 > 0.01 > low  # half the 54 voxels wrong by 6 logits: a mean BCE of about 3
+    assert click_loss(padding_wrong, truth, coords, labels) == low
+    # no clicks at all (every row padding): no loss, and no NaN
+    assert click_loss(disobeyed, truth, coords, torch.full_like(labels, -1)) == 0
+
+
+def test_the_click_weight_adds_the_click_loss_to_the_steps():
+    model = tiny_model()
+    images, masks = tiny_batch()
+    with torch.no_grad():
+        embeddings = model.embed_image(images)
+        losses = [
+            run_interaction(
+                model, embeddings, images, masks, np.random.default_rng(0), InteractionConfig(num_clicks=2, **extra)
+            ).loss
+            for extra in ({}, {"click_weight": 1.0})
+        ]
+    assert losses[1] > losses[0] + 1e-4  # same clicks (same seed), the click loss on top

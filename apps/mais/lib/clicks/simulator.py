@@ -376,9 +376,14 @@ def _distance_to_boundary(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def parts_holding(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
     """The 26-connected parts of bool `mask` [D0, D1, D2] that hold one of `points` [N, 3] (voxel indices inside
     the mask's array), as a bool array of its shape; all False when no point lies on the mask."""
-    parts, _ = ndimage.label(mask, structure=CONNECTIVITY)
-    held = np.setdiff1d(parts[tuple(np.asarray(points, dtype=int).reshape(-1, 3).T)], [0])
-    return np.isin(parts, held)
+    # labelled through the transpose: the served mask is Fortran-ordered, and scipy labels a C-ordered array
+    # faster (the 26-neighbourhood is symmetric, so the parts are the same); a lookup table beats np.isin
+    parts, count = ndimage.label(mask.T, structure=CONNECTIVITY)
+    parts = parts.T
+    held = np.zeros(count + 1, dtype=bool)
+    held[parts[tuple(np.asarray(points, dtype=int).reshape(-1, 3).T)]] = True
+    held[0] = False
+    return held[parts]
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray | None:

@@ -51,6 +51,9 @@ class FitConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, description="clip gradients to this norm (ten summed losses can spike)")
     clicks: int = Field(10, ge=1, description="interaction steps K per sample")
     ce_weight: float = Field(0.0, ge=0, description="add BCE with this weight to the Dice loss")
+    click_loss_weight: float = Field(
+        0.0, ge=0, description="add the BCE at the 3^3 voxels around each click so far with this weight"
+    )
     click_mix: Literal["random", "mixed"] = Field(
         "random",
         description="training clicks: uniform error voxels (SAM-Med3D's), or per step one of those, the deepest "

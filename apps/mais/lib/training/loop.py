@@ -126,7 +126,10 @@ def fit(
         model,
         cache,
         InteractionConfig(
-            num_clicks=config.clicks, clicks=TRAINING_CLICK_MIXES[config.click_mix], ce_weight=config.ce_weight
+            num_clicks=config.clicks,
+            clicks=TRAINING_CLICK_MIXES[config.click_mix],
+            ce_weight=config.ce_weight,
+            click_weight=config.click_loss_weight,
         ),
     )
     if world_size > 1:
