@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +28,27 @@ def test_noc_is_the_first_click_reaching_the_threshold_capped_at_k():
     assert [result.clicks_to_reach(t) for t in (0.80, 0.85, 0.90, 0.95)] == [2, 3, 4, 4]
 
 
+class _SessionSettingTheClickedVoxel:
+    """A session of the evaluation's interface (`add_click`, `mask`) that sets each click's voxel to its label and,
+    when `obeys` is False, only ever clears the mask."""
+
+    def __init__(self, shape, obeys: bool):
+        self.mask, self.obeys = np.zeros(shape, dtype=bool), obeys
+
+    def add_click(self, click):
+        self.mask[click.coord] = bool(click.label) and self.obeys
+
+
+@pytest.mark.parametrize("obeys", [True, False])
+def test_a_click_counts_as_obeyed_when_its_own_voxel_ends_on_its_side(obeys):
+    truth = np.zeros((12, 12, 12), dtype=bool)
+    truth[3:9, 3:9, 3:9] = True
+    session = _SessionSettingTheClickedVoxel(truth.shape, obeys)
+    result = evaluate_structure(None, None, truth, "cube", "center", 4, session=session)
+    assert result.obeyed == [obeys] * 4  # each next click is again positive: the cube is never found
+    assert evaluate.summarise([result])["clicks_obeyed"] == float(obeys)
+
+
 def test_evaluate_writes_dice_per_click_noc_and_a_plot(tmp_path):
     out = tmp_path / "eval"
     summary = evaluate.main(
@@ -44,9 +66,11 @@ def test_evaluate_writes_dice_per_click_noc_and_a_plot(tmp_path):
     assert center["structures"]["brain1:lesion"][0] > BRAIN1_LESION_MIN_DICE
     assert len(center["mean_dice_per_click"]) == 3 and set(center["noc"]) == {"80", "85", "90"}
     assert center["seconds_per_click"] > 0
+    assert 0 <= center["clicks_obeyed"] <= 1
     with open(out / "dice_per_click.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 2 * 3  # models x rules x structures x clicks
+    assert {row["obeyed"] for row in rows} <= {"0", "1", ""}
     assert json.loads((out / "summary.json").read_text()) == summary
     assert "| mais_light | center |" in (out / "summary.md").read_text()
     plot.main([str(out / "summary.json"), str(out / "plot.png")])

@@ -70,6 +70,7 @@ def cases(args) -> list[tuple[str, ModelSpaceImage, dict[str, np.ndarray], Path]
 def summarise(results: list[StructureResult]) -> dict:
     curves = np.array([r.dice for r in results])
     timed = [s for r in results for s in r.seconds if s > 0]
+    obeyed = [o for r in results for o in r.obeyed if o is not None]
     return {
         "mean_dice_per_click": [round(float(v), 4) for v in curves.mean(0)],
         "noc": {
@@ -77,20 +78,21 @@ def summarise(results: list[StructureResult]) -> dict:
             for t in NOC_THRESHOLDS
         },
         "seconds_per_click": round(float(np.mean(timed)), 4) if timed else None,
+        "clicks_obeyed": round(float(np.mean(obeyed)), 4) if obeyed else None,
         "structures": {r.structure: [round(d, 4) for d in r.dice] for r in results},
     }
 
 
 def markdown_table(summary: dict) -> str:
-    """One row per model and rule: Dice after clicks 1, 5, 10 (or K), the rise from 5 to 10, and NoC@85/90 and
-    seconds per click where the summary has them (one averaged over chosen structures by lib.evaluation.plot has
-    not: they describe every structure)."""
+    """One row per model and rule: Dice after clicks 1, 5, 10 (or K), the rise from 5 to 10, and NoC@85/90,
+    seconds per click and the share of clicks obeyed where the summary has them (one averaged over chosen
+    structures by lib.evaluation.plot has not: they describe every structure)."""
     entries = [s for rules in summary["models"].values() for s in rules.values()]
     with_noc = all("noc" in s for s in entries)
     header = "| model | click rule | Dice@1 | Dice@5 | Dice@10 | Dice@10 - Dice@5 |"
     lines = [
-        header + (" NoC@85 | NoC@90 | s/click |" if with_noc else ""),
-        "| --- " * (9 if with_noc else 6) + "|",
+        header + (" NoC@85 | NoC@90 | s/click | clicks obeyed |" if with_noc else ""),
+        "| --- " * (10 if with_noc else 6) + "|",
     ]
     for model, rules in summary["models"].items():
         for rule, s in rules.items():
@@ -98,7 +100,7 @@ def markdown_table(summary: dict) -> str:
             d1, d5, d10 = (d[min(k, len(d)) - 1] for k in (1, 5, 10))
             row = f"| {model} | {rule} | {d1:.3f} | {d5:.3f} | {d10:.3f} | {d10 - d5:+.3f} |"
             if with_noc:
-                row += f" {s['noc']['85']} | {s['noc']['90']} | {s['seconds_per_click']} |"
+                row += f" {s['noc']['85']} | {s['noc']['90']} | {s['seconds_per_click']} | {s.get('clicks_obeyed')} |"
             lines.append(row)
     return "\n".join(lines)
 
@@ -164,15 +166,15 @@ def main(argv=None) -> dict:
                         )
                         results.append(result)
                         rows += [
-                            (name, rule, result.structure, k, round(d, 4), round(s, 4))
-                            for k, (d, s) in enumerate(zip(result.dice, result.seconds), 1)
+                            (name, rule, result.structure, k, round(d, 4), round(s, 4), "" if o is None else int(o))
+                            for k, (d, s, o) in enumerate(zip(result.dice, result.seconds, result.obeyed), 1)
                         ]
                         progress.update()
                 summary["models"][name][rule] = summarise(results)
 
     with open(args.out / "dice_per_click.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(("model", "rule", "structure", "click", "dice", "seconds"))
+        writer.writerow(("model", "rule", "structure", "click", "dice", "seconds", "obeyed"))
         writer.writerows(rows)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     table = markdown_table(summary)

@@ -12,11 +12,11 @@ label file as a user sees it; Dice is measured there too. The click rule is one 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from lib.clicks.simulator import Click, ClickConfig, click_preset, first_click, next_click
+from lib.clicks.simulator import POSITIVE, Click, ClickConfig, click_preset, first_click, next_click
 from lib.imaging import ModelSpaceImage
 from lib.metrics import dice
 from lib.session.interactive import InteractiveSession
@@ -29,12 +29,15 @@ BOX_MARGIN = 2
 
 @dataclass
 class StructureResult:
-    """dice[k - 1] and seconds[k - 1]: Dice after click k and the session time click k took."""
+    """dice[k - 1] and seconds[k - 1]: Dice after click k and the session time click k took. obeyed[k - 1]:
+    whether click k's own voxel lies on its side of the mask after it (None: no click, nothing left to correct);
+    a click that leaves its voxel wrong is one an annotator repeats."""
 
     structure: str
     rule: str
     dice: list[float]
     seconds: list[float]
+    obeyed: list[bool | None] = field(default_factory=list)
 
     def clicks_to_reach(self, threshold: float) -> int:
         """NoC: the first click whose Dice reaches `threshold`, K if none does (capped at K)."""
@@ -59,18 +62,20 @@ def evaluate_structure(
         raise ValueError(f"{structure}: the structure is empty (no voxel of the truth is set)")
     rng = np.random.default_rng(seed)
     session = session if session is not None else InteractiveSession(image, model)
-    scores, seconds = [], []
+    scores, seconds, obeyed = [], [], []
     for k in range(clicks):
         click = _click(truth, session.mask if k else None, rng, config)
         if click is None:  # nothing left to correct: the mask stays, so does its Dice
             scores.append(scores[-1])
             seconds.append(0.0)
+            obeyed.append(None)
             continue
         started = time.perf_counter()
         session.add_click(click)
         seconds.append(time.perf_counter() - started)
         scores.append(dice(session.mask, truth))
-    return StructureResult(structure, rule, scores, seconds)
+        obeyed.append(bool(session.mask[click.coord]) == (click.label == POSITIVE))
+    return StructureResult(structure, rule, scores, seconds, obeyed)
 
 
 def _click(truth: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, config: ClickConfig) -> Click | None:
