@@ -35,7 +35,10 @@ def main() -> None:
     capacity = model.config.memory_size
     truth = np.asarray(load_volume(str(SAMPLE_DATA / "labels" / "final" / args.image)))[0]
     truth = truth == SAMPLE_LABELS[args.label]
-    session = InteractiveSession(ModelSpaceImage.from_file(str(SAMPLE_DATA / args.image)), model)
+    image = ModelSpaceImage.from_file(str(SAMPLE_DATA / args.image))
+    on_gpu = args.device.startswith("cuda")
+    allocated_before = torch.cuda.memory_allocated() if on_gpu else 0
+    session = InteractiveSession(image, model)
     rng = np.random.default_rng(0)
     click = first_click(truth, rng)
     report_at = {1, 10, capacity}
@@ -57,6 +60,9 @@ def main() -> None:
     print(f"bytes per session at {entries} memory entries: {total} ({total / MB:.1f} MB)")
     print(f"one memory entry: {per_entry / MB:.3f} MB")
     print(f"sessions within the default max_session_mb {MAX_SESSION_MB}: {MAX_SESSION_MB * MB // total}")
+    if on_gpu:  # what the session really holds on the GPU, against the parts that nbytes counts there
+        held = torch.cuda.memory_allocated() - allocated_before
+        print(f"GPU memory the session holds (torch.cuda.memory_allocated, after - before): {held / MB:.1f} MB")
 
 
 if __name__ == "__main__":
