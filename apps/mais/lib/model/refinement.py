@@ -66,6 +66,16 @@ class MaskRefinement(nn.Module):
 _BLOCK = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
+def click_blocks(centres: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """The 3^3 block of voxels around each integer voxel of `centres` [B, P, 3] on a size^3 grid: the blocks'
+    flat indices [B, P, 27] (a voxel beyond the grid clamped onto its edge) and whether each lies inside the
+    grid [B, P, 27] bool."""
+    cells = centres[:, :, None] + _BLOCK.to(centres.device)  # [B, P, 27, 3]
+    inside = ((cells >= 0) & (cells < size)).all(-1)
+    cells = cells.clamp(0, size - 1)
+    return (cells[..., 0] * size + cells[..., 1]) * size + cells[..., 2], inside
+
+
 def click_maps(point_coords: Tensor, point_labels: Tensor, size: int, crop_size: int) -> Tensor:
     """Positive and negative clicks as 3^3 blocks of ones on a size^3 grid covering the crop_size^3 crop:
     [B, P, 3] voxels / [B, P] labels -> [B, 2, size, size, size] float (channel 0 positive, 1 negative).
@@ -74,10 +84,7 @@ def click_maps(point_coords: Tensor, point_labels: Tensor, size: int, crop_size:
     maps = torch.zeros(B, 2 * size**3, device=point_coords.device)
     if P:
         centres = (point_coords.float() * (size / crop_size)).long().clamp(0, size - 1)  # [B, P, 3]
-        cells = centres[:, :, None] + _BLOCK.to(centres.device)  # [B, P, 27, 3]
-        inside = ((cells >= 0) & (cells < size)).all(-1)
-        cells = cells.clamp(0, size - 1)
-        flat = (cells[..., 0] * size + cells[..., 1]) * size + cells[..., 2]
+        flat, inside = click_blocks(centres, size)
         channel = (point_labels == 0).long()[:, :, None]  # 0 positive, 1 negative
         drawn = ((point_labels >= 0)[:, :, None] & inside).float()
         maps.scatter_reduce_(1, (channel * size**3 + flat).flatten(1), drawn.flatten(1), reduce="amax")

@@ -38,6 +38,7 @@ from torch import Tensor
 from lib.clicks.simulator import CLICK_PRESETS, ClickConfig, ClickNoise, sample_clicks
 from lib.metrics import batch_dice
 from lib.model.interaction import InteractionState, concat_points
+from lib.model.refinement import click_blocks
 
 # SAM-Med3D trains with uniformly drawn error voxels; the distance-transform rule is the evaluation's.
 TRAINING_CLICKS = CLICK_PRESETS["random"]
@@ -141,14 +142,12 @@ def segmentation_loss(logits: Tensor, target: Tensor, ce_weight: float = 0.0) ->
 
 
 def click_loss(logits: Tensor, target: Tensor, click_coords: Tensor, click_labels: Tensor) -> Tensor:
-    """Binary cross-entropy on the 3^3 voxels around each click, against the ground truth there (a noisy click
-    placed across the boundary is not taught as its label). logits, target float [B, 1, S, S, S]; click_coords
+    """Binary cross-entropy on the 3^3 voxels around each click (the block the refinement head draws, clamped
+    onto the crop), against the ground truth there (a noisy click placed across the boundary is not taught as
+    its label). logits, target float [B, 1, S, S, S]; click_coords
     [B, N, 3] float crop voxels, click_labels [B, N] (-1: padding, left out). A scalar; 0 without clicks."""
-    size = torch.tensor(logits.shape[2:], device=logits.device)
-    offsets = torch.stack(torch.meshgrid(*[torch.arange(-1, 2, device=logits.device)] * 3, indexing="ij"), -1)
-    voxels = click_coords.round().long()[:, :, None] + offsets.reshape(1, 1, 27, 3)  # [B, N, 27, 3]
-    voxels = torch.minimum(voxels.clamp(min=0), size - 1)
-    flat = ((voxels[..., 0] * size[1] + voxels[..., 1]) * size[2] + voxels[..., 2]).flatten(1)  # [B, N * 27]
+    flat, _ = click_blocks(click_coords.round().long(), logits.shape[-1])  # the crop is a cube
+    flat = flat.flatten(1)  # [B, N * 27]
     valid = (click_labels >= 0)[:, :, None].expand(-1, -1, 27).flatten(1).float()
     at_clicks = logits.flatten(1).gather(1, flat)
     truth = target.flatten(1).gather(1, flat)
