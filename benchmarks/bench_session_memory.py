@@ -10,6 +10,8 @@ every memory holds N entries (the weights' memory size, 60 for the shipped ones)
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 from common import SAMPLE_DATA, model_benchmark_parser
@@ -22,6 +24,9 @@ from lib.session.interactive import InteractiveSession
 
 MB = 2**20
 MAX_SESSION_MB = 4096  # AppSettings.max_session_mb
+# the parts of a session that stay in host memory on a GPU server: the model-space image (windows are cut from it
+# and moved to the device) and the mask on the file's grid (numpy)
+HOST_PARTS = ("image", "mask")
 
 
 def main() -> None:
@@ -60,9 +65,17 @@ def main() -> None:
     print(f"bytes per session at {entries} memory entries: {total} ({total / MB:.1f} MB)")
     print(f"one memory entry: {per_entry / MB:.3f} MB")
     print(f"sessions within the default max_session_mb {MAX_SESSION_MB}: {MAX_SESSION_MB * MB // total}")
-    if on_gpu:  # what the session really holds on the GPU, against the parts that nbytes counts there
-        held = torch.cuda.memory_allocated() - allocated_before
-        print(f"GPU memory the session holds (torch.cuda.memory_allocated, after - before): {held / MB:.1f} MB")
+    if on_gpu:  # what the session really holds on the GPU, against the parts of nbytes that live there
+        on_device = sum(size for part, size in session.nbytes_by_part().items() if part not in HOST_PARTS)
+        allocated = torch.cuda.memory_allocated()
+        del session
+        gc.collect()
+        freed = allocated - torch.cuda.memory_allocated()
+        print(f"GPU memory allocated since before the session: {(allocated - allocated_before) / MB:.1f} MB")
+        print(
+            f"GPU memory freed when the session is dropped: {freed / MB:.1f} MB; nbytes of its GPU parts: "
+            f"{on_device / MB:.1f} MB"
+        )
 
 
 if __name__ == "__main__":
