@@ -137,9 +137,9 @@ def test_a_session_gives_the_prompt_encoder_the_clicks_the_weights_were_trained_
     seen = []
     predict = model.predict
 
-    def spy(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory):
+    def spy(image_embeddings, point_coords, *rest):
         seen.append(point_coords.shape[1])
-        return predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
+        return predict(image_embeddings, point_coords, *rest)
 
     model.predict = spy
     image = ModelSpaceImage(load_volume(str(SAMPLE_DATA / "brain1.nrrd")))

@@ -95,9 +95,9 @@ def test_interaction_loop_runs_steps_in_the_inference_order(prompt_clicks, point
     seen = []
     predict = model.predict
 
-    def spy(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory):
+    def spy(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory, high_res):
         seen.append((point_coords.shape[1], len(memory), prev_low_res_logits is None))
-        return predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory)
+        return predict(image_embeddings, point_coords, point_labels, prev_low_res_logits, memory, high_res)
 
     model.predict = spy
     result = run_interaction(

@@ -20,11 +20,20 @@ OBJECT = (slice(10, 20), slice(12, 22), slice(8, 18))  # a bright box, the struc
 INSIDE = (15, 17, 13)  # a voxel of it
 
 
-def tiny_model(prompt_clicks: str = "all", refinement: bool = False) -> torch.nn.Module:
+def tiny_model(
+    prompt_clicks: str = "all", refinement: bool = False, high_res_features: bool = False
+) -> torch.nn.Module:
     """A one-block encoder on the real 128^3 crops (the session's windows are 128^3); seeded random weights."""
     torch.manual_seed(0)
     encoder = EncoderConfig(embed_dim=32, depth=1, num_heads=2, window_size=0, neck_kernel_size=1)
-    config = MaisConfig(name="tiny", encoder=encoder, memory_size=8, prompt_clicks=prompt_clicks, refinement=refinement)
+    config = MaisConfig(
+        name="tiny",
+        encoder=encoder,
+        memory_size=8,
+        prompt_clicks=prompt_clicks,
+        refinement=refinement,
+        high_res_features=high_res_features,
+    )
     return build_mais(config)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from lib.configs.app_settings import AppSettings
 from lib.devices import resolve_device
+from lib.model.interaction import InteractionState
 from lib.model.mais import Mais
 from lib.model.weights import WeightsError, load_mais
 
@@ -92,14 +93,15 @@ def prepare_for_serving(model: Mais) -> None:
 
 @torch.inference_mode()
 def warm_up(model: Mais) -> None:
-    """One embed and one predict on a blank crop: the first call of each pays for kernel selection and memory
+    """One interaction step on a blank crop: the first call of each pays for kernel selection and memory
     allocation (on a GPU, seconds; with CUDA graphs, the recording of the first click's), which the first click
     would pay otherwise."""
     device, size = next(model.parameters()).device, model.img_size
-    embedding = model.embed_image(torch.zeros((1, 1, size, size, size), device=device))
+    blank = torch.zeros((1, 1, size, size, size), device=device)
     centre = torch.full((1, 1, 3), size / 2, device=device)
-    output = model.predict(embedding, centre, torch.ones((1, 1), dtype=torch.int64, device=device))
-    model.upsample_logits(output.low_res_logits)
+    InteractionState.start(model, volume=blank).step(
+        model, model.embed_image(blank), blank, centre, torch.ones((1, 1), dtype=torch.int64, device=device)
+    )
 
 
 def _file_id(path: Path) -> tuple[int, int]:

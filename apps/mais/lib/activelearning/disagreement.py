@@ -61,10 +61,11 @@ def click_disagreement(model: Mais, image: ModelSpaceImage, point: np.ndarray, o
     offsets = np.concatenate([np.zeros((1, 3)), np.eye(3) * offset_voxels, -np.eye(3) * offset_voxels])
     clicks = np.clip(centre + offsets, 0, CROP_SIZE - 1)
     batch = len(clicks)
-    out = InteractionState.start(model, batch_size=batch).step(
+    crops = crop.expand(batch, -1, -1, -1, -1)
+    out = InteractionState.start(model, batch_size=batch, volume=crops).step(
         model,
         embedding.expand(batch, -1, -1, -1, -1),
-        crop.expand(batch, -1, -1, -1, -1),
+        crops,
         torch.as_tensor(clicks, dtype=torch.float32, device=device)[:, None],
         torch.ones(batch, 1, dtype=torch.int64, device=device),
     )

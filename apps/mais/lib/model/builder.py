@@ -16,6 +16,7 @@ from medim.models.sam_med3d import MaskDecoder3D, PromptEncoder3D
 from torch import nn
 
 from .config import MaisConfig
+from .high_res_features import HighResFeatures
 from .image_encoder import ImageEncoder3D
 from .mais import Mais
 from .memory_attention import MemoryAttention
@@ -26,8 +27,9 @@ PROMPT_EMBED_DIM = 384
 
 
 def build_mais(config: MaisConfig, device: torch.device | str | None = None) -> Mais:
-    """A Mais model in eval mode with random weights (memory attention's output projection and the refinement
-    head's last layer zero: see memory_attention.py and refinement.py). device "meta" builds shapes only (no
+    """A Mais model in eval mode with random weights (memory attention's output projection, the refinement
+    head's last layer and the high-resolution features' projections zero: see memory_attention.py, refinement.py
+    and high_res_features.py). device "meta" builds shapes only (no
     memory, instant)."""
     enc = config.encoder
     grid = enc.img_size // enc.patch_size
@@ -59,4 +61,5 @@ def build_mais(config: MaisConfig, device: torch.device | str | None = None) -> 
         )
         memory_attention = MemoryAttention(PROMPT_EMBED_DIM, config.memory_size, config.memory_attention)
         refinement = MaskRefinement() if config.refinement else None
-    return Mais(image_encoder, prompt_encoder, mask_decoder, memory_attention, config, refinement).eval()
+        high_res = HighResFeatures() if config.high_res_features else None
+    return Mais(image_encoder, prompt_encoder, mask_decoder, memory_attention, config, refinement, high_res).eval()

@@ -73,6 +73,7 @@ class MaisConfig:
     memory_dtype: str = "float16"
     prompt_clicks: str = "all"
     refinement: bool = False
+    high_res_features: bool = False
 
     def __post_init__(self) -> None:
         if self.memory_mode not in MEMORY_MODES:

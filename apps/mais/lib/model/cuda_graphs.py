@@ -6,7 +6,8 @@ click kept the GPU busy 2.5 ms of 35-46). A CUDA graph records the kernels once 
 
 A graph holds fixed shapes. Between the clicks of a session only the number of prompt tokens changes (the clicks
 so far plus SAM-Med3D's padding point); the image embedding, its positional encoding and the dense prompt are
-[1, E, 8, 8, 8] always. So there is one graph per token count, recorded on its first use and kept for every
+[1, E, 8, 8, 8] always (and the high-resolution features of a model with them, lib.model.high_res_features,
+[1, 96, 16^3] and [1, 48, 32^3]). So there is one graph per token count, recorded on its first use and kept for every
 later session (at most `max_graphs`, the least recently used dropped first). All graphs share one memory pool:
 they are replayed one at a time under a lock and their outputs are copied out before the next replay.
 
@@ -26,6 +27,8 @@ import torch
 from medim.models.sam_med3d import MaskDecoder3D
 from torch import Tensor
 
+from .high_res_features import HighResFeatureMaps, decode_with_high_res
+
 logger = logging.getLogger(__name__)
 
 # Token counts a server keeps graphs for; a session's window rarely holds more clicks. A graph keeps its own
@@ -39,7 +42,7 @@ WARM_UP_PASSES = 2
 @dataclass
 class _Recording:
     graph: torch.cuda.CUDAGraph
-    inputs: tuple[Tensor, Tensor, Tensor, Tensor]  # the tensors the graph reads: copy a click's inputs into them
+    inputs: tuple[Tensor, ...]  # the tensors the graph reads (`decode`'s, flat): copy a click's inputs into them
     low_res_logits: Tensor  # the tensor the graph writes
 
 
@@ -64,11 +67,18 @@ class DecoderGraphs:
             self.enabled and image_embeddings.is_cuda and image_embeddings.shape[0] == 1 and not torch.is_grad_enabled()
         )
 
-    def __call__(self, image_embeddings: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
+    def __call__(
+        self,
+        image_embeddings: Tensor,
+        image_pe: Tensor,
+        sparse: Tensor,
+        dense: Tensor,
+        high_res: HighResFeatureMaps | None = None,
+    ) -> Tensor:
         """The decoder's low-res logits [1, 1, 32, 32, 32] for image_embeddings [1, E, 8, 8, 8], image_pe
-        [1, E, 8, 8, 8], sparse prompt embeddings [1, P, E] and dense ones [1, E, 8, 8, 8], as
-        `decode(decoder, ...)` computes them."""
-        inputs = (image_embeddings, image_pe, sparse, dense)
+        [1, E, 8, 8, 8], sparse prompt embeddings [1, P, E] and dense ones [1, E, 8, 8, 8] (and a model's
+        high-resolution features), as `decode(decoder, ...)` computes them."""
+        inputs = (image_embeddings, image_pe, sparse, dense, *(high_res or ()))
         key = tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
         with self._lock:
             recording = self._recordings.get(key)
@@ -78,7 +88,7 @@ class DecoderGraphs:
                 except RuntimeError as error:
                     self.enabled = False
                     logger.warning("CUDA graphs of the mask decoder turned off, its kernels run one by one: %s", error)
-                    return decode(self.decoder, *inputs)
+                    return _decode_flat(self.decoder, inputs)
                 self._recordings[key] = recording
                 if len(self._recordings) > self.max_graphs:
                     self._recordings.popitem(last=False)
@@ -94,18 +104,28 @@ class DecoderGraphs:
         side.wait_stream(torch.cuda.current_stream(static[0].device))
         with torch.cuda.stream(side):
             for _ in range(WARM_UP_PASSES):
-                decode(self.decoder, *static)
+                _decode_flat(self.decoder, static)
         torch.cuda.current_stream(static[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            low_res_logits = decode(self.decoder, *static)
+            low_res_logits = _decode_flat(self.decoder, static)
         self._pool = graph.pool()
         return _Recording(graph, static, low_res_logits)
 
 
-def decode(decoder: MaskDecoder3D, image_embeddings: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
+def decode(
+    decoder: MaskDecoder3D,
+    image_embeddings: Tensor,
+    image_pe: Tensor,
+    sparse: Tensor,
+    dense: Tensor,
+    high_res: HighResFeatureMaps | None = None,
+) -> Tensor:
     """The decoder's single mask [B, 1, 32, 32, 32] (its second output, a quality estimate for choosing among
-    several masks, is for multi-mask output: MAIS asks for one)."""
+    several masks, is for multi-mask output: MAIS asks for one); with `high_res`, the features added in its
+    upscaling (lib.model.high_res_features), else medim's decoder as it is."""
+    if high_res is not None:
+        return decode_with_high_res(decoder, image_embeddings, image_pe, sparse, dense, high_res)
     low_res_logits, _ = decoder(
         image_embeddings=image_embeddings,
         image_pe=image_pe,
@@ -114,3 +134,8 @@ def decode(decoder: MaskDecoder3D, image_embeddings: Tensor, image_pe: Tensor, s
         multimask_output=False,
     )
     return low_res_logits
+
+
+def _decode_flat(decoder: MaskDecoder3D, inputs: tuple[Tensor, ...]) -> Tensor:
+    """`decode` of a graph's flat inputs: the four decoder inputs, then the high-resolution features if any."""
+    return decode(decoder, *inputs[:4], tuple(inputs[4:]) or None)

@@ -3,7 +3,7 @@ all run (the evaluation through the session, validation through the training loo
 
     1. prompt = the clicks the prompt encoder gets: every click so far, or only the newest one when the model's
        config.prompt_clicks is "latest" (`prompt_points`)
-    2. out = model.predict(image_embeddings, prompt, state.low_res_logits, state.memory)
+    2. out = model.predict(image_embeddings, prompt, state.low_res_logits, state.memory, state.high_res)
     3. state.memory.push(out.memory_entry)        one memory entry per step, pushed once the step is done
     4. state.low_res_logits = out.low_res_logits  fed back as the previous mask of the next step (detached: at
                                                   inference it is a given input, and in training it keeps each
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .high_res_features import HighResFeatureMaps
 from .mais import Mais
 from .memory_attention import MemoryAttentionWeights
 from .memory_bank import MemoryBank
@@ -42,15 +43,21 @@ class StepOutput:
 @dataclass
 class InteractionState:
     """memory: the bank of the earlier steps (batch size B). low_res_logits [B, 1, 32, 32, 32]: the previous step's
-    mask logits, None before the first step (a caller may seed it, e.g. with what neighbouring windows found)."""
+    mask logits, None before the first step (a caller may seed it, e.g. with what neighbouring windows found).
+    high_res: the crops' high-resolution features for a model with them (`Mais.high_res_features`), computed once
+    when the interaction starts (in training with their graph, which every step's loss then trains)."""
 
     memory: MemoryBank
     low_res_logits: Tensor | None = None
+    high_res: HighResFeatureMaps | None = None
 
     @classmethod
-    def start(cls, model: Mais, batch_size: int = 1) -> InteractionState:
-        """An interaction before its first step: empty memory, no previous mask."""
-        return cls(model.new_memory(batch_size=batch_size))
+    def start(cls, model: Mais, batch_size: int = 1, volume: Tensor | None = None) -> InteractionState:
+        """An interaction before its first step: empty memory, no previous mask. volume [B, 1, 128, 128, 128]:
+        the crops, needed (only) by a model with high-resolution features."""
+        if model.config.high_res_features and volume is None:
+            raise ValueError("a model with high-resolution features starts an interaction from the crops' volume")
+        return cls(model.new_memory(batch_size=batch_size), high_res=model.high_res_features(volume))
 
     def step(
         self,
@@ -73,7 +80,9 @@ class InteractionState:
         inference: call under torch.inference_mode()).
         """
         point_coords, point_labels = prompt_points(click_coords, click_labels, model.config.prompt_clicks)
-        output = model.predict(image_embeddings, point_coords, point_labels, self.low_res_logits, self.memory)
+        output = model.predict(
+            image_embeddings, point_coords, point_labels, self.low_res_logits, self.memory, self.high_res
+        )
         self.memory.push(output.memory_entry)
         self.low_res_logits = output.low_res_logits.detach()
         if refine:

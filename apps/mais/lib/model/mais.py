@@ -3,8 +3,9 @@
 Use (the infer task and the trainer call exactly this; build it with `lib.model.builder`):
 
     emb = model.embed_image(volume)              # [B, 1, 128, 128, 128] normalised -> [B, 384, 8, 8, 8]
+    high_res = model.high_res_features(volume)   # None, or the decoder's stride-8 and stride-4 image features
     memory = model.new_memory(batch_size=B)      # empty MemoryBank, FIFO of cfg.memory_size interactions
-    out = model.predict(emb, point_coords, point_labels, prev_low_res_logits, memory)
+    out = model.predict(emb, point_coords, point_labels, prev_low_res_logits, memory, high_res)
     memory.push(out.memory_entry)                # the CALLER pushes, once per interaction step
     logits = model.mask_logits(out.low_res_logits, volume, point_coords, point_labels)  # [B, 1, 128^3], > 0: mask
 
@@ -13,7 +14,9 @@ interaction step = one entry), in training and inference alike. So a prediction 
 without touching the session. `lib.model.interaction` is the step every caller runs.
 
 Full-resolution refinement (MaisConfig.refinement): `mask_logits` upsamples the decoder's logits and, with the
-head on, adds lib.model.refinement's residual; with it off (and memory "none") the network is SAM-Med3D's.
+head on, adds lib.model.refinement's residual. High-resolution features (MaisConfig.high_res_features): the
+decoder's upscaling adds the crop's own features at strides 8 and 4 (lib.model.high_res_features). With both
+off (and memory "none") the network is SAM-Med3D's.
 
 Memory modes (MaisConfig.memory_mode): "none" is exactly SAM-Med3D (the prompt encoder and mask decoder of
 medim on the image embedding, memory ignored), "sparse" / "dense" / "both" add the memory attention's dense term
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 
 from .config import MaisConfig
 from .cuda_graphs import DecoderGraphs, decode
+from .high_res_features import HighResFeatureMaps, HighResFeatures
 from .image_encoder import ImageEncoder3D
 from .memory_attention import MemoryAttention, MemoryAttentionWeights
 from .memory_bank import MemoryBank, MemoryEntry
@@ -64,15 +68,19 @@ class Mais(nn.Module):
         memory_attention: MemoryAttention,
         config: MaisConfig,
         refinement: MaskRefinement | None = None,
+        high_res: HighResFeatures | None = None,
     ) -> None:
         super().__init__()
         if (refinement is not None) != config.refinement:
             raise ValueError(f"config.refinement is {config.refinement}, the refinement head is {refinement}")
+        if (high_res is not None) != config.high_res_features:
+            raise ValueError(f"config.high_res_features is {config.high_res_features}, the module is {high_res}")
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.memory_attention = memory_attention
         self.refinement = refinement
+        self.high_res = high_res
         self.config = config
         self.decoder_graphs: DecoderGraphs | None = None  # `use_cuda_graphs`
         self._dense_pe: tuple[tuple, Tensor] | None = None  # (what it was computed from, the encoding)
@@ -106,6 +114,11 @@ class Mais(nn.Module):
         """volume [B, 1, S, S, S] (S = 128, normalised as SAM-Med3D expects) -> embedding [B, E, S/16, S/16, S/16]."""
         return self.image_encoder(volume)
 
+    def high_res_features(self, volume: Tensor) -> HighResFeatureMaps | None:
+        """The decoder's image features of volume [B, 1, S, S, S] (stride 8 [B, 96, S/8, ...], stride 4 [B, 48,
+        S/4, ...]), None for a model without them. Like the embedding, a function of the crop alone."""
+        return None if self.high_res is None else self.high_res(volume)
+
     def new_memory(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> MemoryBank:
         """Empty memory bank for `batch_size` sessions side by side.
 
@@ -125,6 +138,7 @@ class Mais(nn.Module):
         point_labels: Tensor,
         prev_low_res_logits: Tensor | None = None,
         memory: MemoryBank | None = None,
+        high_res: HighResFeatureMaps | None = None,
     ) -> MaisOutput:
         """One interaction: prompt encoder, memory attention, mask decoder (no upsampling, no memory update).
 
@@ -134,6 +148,7 @@ class Mais(nn.Module):
         point_labels [B, P] int: 1 positive, 0 negative, -1 padding (rows of a batch with fewer clicks).
         prev_low_res_logits [B, 1, 32, 32, 32] logits of the previous step, or None (first step).
         memory: the session's MemoryBank (batch size B), or None for an empty one; read only.
+        high_res: `high_res_features` of the crops, for (and only for) a model with them.
         """
         B = image_embeddings.shape[0]
         if point_coords.shape[:2] != point_labels.shape or point_coords.shape[0] != B or point_coords.shape[-1] != 3:
@@ -143,6 +158,11 @@ class Mais(nn.Module):
             )
         if memory is not None and memory.batch_size != B:
             raise ValueError(f"memory bank holds batch size {memory.batch_size}, the image embeddings have {B}")
+        if (high_res is not None) != self.config.high_res_features:
+            raise ValueError(
+                f"this model {'needs' if self.config.high_res_features else 'has no'} high-resolution features "
+                f"(MaisConfig.high_res_features {self.config.high_res_features}); got {type(high_res).__name__}"
+            )
         sparse, dense = self.prompt_encoder(
             points=(point_coords.float(), point_labels), boxes=None, masks=prev_low_res_logits
         )
@@ -158,9 +178,9 @@ class Mais(nn.Module):
             memory_term, attention = self.memory_attention(image_embeddings, image_pe, entry, slots, mode)
             src = image_embeddings + memory_term
         if self.decoder_graphs is not None and self.decoder_graphs.accepts(src):
-            low_res_logits = self.decoder_graphs(src, image_pe, sparse, dense)
+            low_res_logits = self.decoder_graphs(src, image_pe, sparse, dense, high_res)
         else:
-            low_res_logits = decode(self.mask_decoder, src, image_pe, sparse, dense)
+            low_res_logits = decode(self.mask_decoder, src, image_pe, sparse, dense, high_res)
         return MaisOutput(low_res_logits, entry, attention)
 
     def forward(self, *args, **kwargs) -> MaisOutput:

@@ -256,7 +256,7 @@ class InteractiveSession:
         volume = crop.extract(self.image.volume, fill=self.image.pad_value)[None].to(self.device)
         kept_volume = volume if self.model.config.refinement else None  # 8 MB a window, for the head only
         window = _Window(
-            crop, kept_volume, self.model.embed_image(volume), InteractionState.start(self.model, batch_size=1)
+            crop, kept_volume, self.model.embed_image(volume), InteractionState.start(self.model, volume=volume)
         )
         if self.windows:  # continue from what earlier windows predicted here
             seed = crop.extract(self.logits.float(), fill=BACKGROUND_LOGIT)[None]  # [1, 1, 128, 128, 128]
@@ -273,14 +273,18 @@ class InteractiveSession:
 
     def nbytes_by_part(self) -> dict[str, int]:
         """`nbytes` by what holds it: the image in model space, the logits, the mask, and the windows' volumes,
-        embeddings, memories and last low-res logits (summed over the windows)."""
+        embeddings (with their high-resolution features, for a model with them), memories and last low-res logits
+        (summed over the windows)."""
         windows = self.windows
         return {
             "image": self.image.nbytes,
             "logits": _tensor_bytes(self.logits),
             "mask": self.mask.nbytes,
             "window volumes": sum(_tensor_bytes(w.volume) for w in windows),
-            "window embeddings": sum(_tensor_bytes(w.image_embedding) for w in windows),
+            "window embeddings": sum(
+                _tensor_bytes(w.image_embedding) + sum(map(_tensor_bytes, w.interaction.high_res or ()))
+                for w in windows
+            ),
             "window memories": sum(w.interaction.memory.nbytes() for w in windows),
             "window low-res logits": sum(_tensor_bytes(w.interaction.low_res_logits) for w in windows),
         }

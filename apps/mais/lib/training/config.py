@@ -36,6 +36,12 @@ class FitConfig(BaseModel):
         description="with (--refinement) or without (--no-refinement) the full-resolution refinement head; unset: "
         "the --init file's, or the --encoder network's default; a head the init file lacks starts at zero",
     )
+    high_res_features: bool | None = Field(
+        None,
+        description="with (--high-res-features) or without (--no-high-res-features) the decoder's high-resolution "
+        "image features; unset: the --init file's, or the --encoder network's default; features the init file "
+        "lacks start at zero",
+    )
     fresh_memory: bool = Field(
         False, description="with --init: memory attention starts afresh, not from the file (equal start to compare)"
     )

@@ -25,8 +25,8 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
         network = NETWORKS[config.encoder](
             memory_mode=config.memory_mode, memory_size=config.memory_size, prompt_clicks=config.prompt_clicks
         )
-        if config.refinement is not None:
-            network = dataclasses.replace(network, refinement=config.refinement)
+        switches = {"refinement": config.refinement, "high_res_features": config.high_res_features}
+        network = dataclasses.replace(network, **{k: v for k, v in switches.items() if v is not None})
         model = build_mais(network)
     else:
         model = _model_from_init(config)
@@ -36,12 +36,14 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
 
 
 def _model_from_init(config: FitConfig) -> Mais:
-    """The `init` file's network with this run's memory mode and size (and refinement head, when set), loaded with
-    every weight whose shape still fits. Only memory-attention weights (its age embeddings are sized by
-    memory_size, so a stage-1 file trained with N = 60 also starts an N = 10 run) and a refinement head the file
-    lacks may start fresh; any other mismatch is an error. A file's head that this run drops is left out."""
+    """The `init` file's network with this run's memory mode and size (and refinement head and high-resolution
+    features, when set), loaded with every weight whose shape still fits. Only memory-attention weights (its age
+    embeddings are sized by memory_size, so a stage-1 file trained with N = 60 also starts an N = 10 run) and a
+    refinement head or high-resolution features the file lacks may start fresh; any other mismatch is an error. A
+    file's head or features that this run drops are left out."""
     source = load_mais(config.init, device="cpu")
     refinement = source.config.refinement if config.refinement is None else config.refinement
+    high_res = source.config.high_res_features if config.high_res_features is None else config.high_res_features
     model = build_mais(
         dataclasses.replace(
             source.config,
@@ -49,6 +51,7 @@ def _model_from_init(config: FitConfig) -> Mais:
             memory_size=config.memory_size,
             prompt_clicks=config.prompt_clicks,
             refinement=refinement,
+            high_res_features=high_res,
         )
     )
     expected = model.state_dict()
@@ -60,7 +63,7 @@ def _model_from_init(config: FitConfig) -> Mais:
         or source_state[k].shape != v.shape
         or (config.fresh_memory and k.startswith("memory_attention."))
     ]
-    foreign = [k for k in fresh if not k.startswith(("memory_attention.", "refinement."))]
+    foreign = [k for k in fresh if not k.startswith(("memory_attention.", "refinement.", "high_res."))]
     if foreign:
         raise ValueError(f"--init {config.init}: weight {foreign[0]!r} does not fit this network")
     model.load_state_dict({k: v for k, v in source_state.items() if k not in fresh}, strict=False)

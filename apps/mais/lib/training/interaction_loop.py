@@ -100,9 +100,9 @@ def run_interaction(
 
     model: a `lib.model.mais.Mais`. image_embeddings [B, E, 8, 8, 8] from `model.embed_image` (with or without
     a graph: a trainable encoder gets its gradient through them) of volumes [B, 1, S, S, S] (what the
-    refinement head sees). gt_masks bool [B, 1, S, S, S] on the model's device, S = 128. rng drives the click
-    simulator. Call inside torch.autocast for mixed precision: the loss
-    is computed in float32.
+    refinement head and the high-resolution features see). gt_masks bool [B, 1, S, S, S] on the model's
+    device, S = 128. rng drives the click simulator. Call inside torch.autocast for mixed precision: the loss is
+    computed in float32.
     """
     if gt_masks.dtype != torch.bool or gt_masks.shape[0] != image_embeddings.shape[0]:
         raise ValueError(f"gt_masks must be bool [B, 1, S, S, S] with B = {image_embeddings.shape[0]}")
@@ -111,7 +111,7 @@ def run_interaction(
     refined_step = None  # every step (no refinement head, or no gradients), else the one step the head runs at
     if model.config.refinement and torch.is_grad_enabled():
         refined_step = int(rng.integers(config.num_clicks))
-    state = InteractionState.start(model, batch_size=B)
+    state = InteractionState.start(model, batch_size=B, volume=volumes)
     click_coords = click_labels = masks = None
     step_losses, step_dice = [], []
     for k in range(config.num_clicks):
