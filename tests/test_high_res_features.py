@@ -3,7 +3,6 @@ into the decoder's mask, they train through every step, and weights files and se
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,8 +14,7 @@ from lib.model.weights import load_mais, save_mais
 from lib.session.interactive import InteractiveSession
 from lib.training.config import FitConfig
 from lib.training.initial_model import build_model
-from lib.training.interaction_loop import InteractionConfig, run_interaction
-from tiny import INSIDE, box_image, tiny_model
+from tiny import INSIDE, box_image, interaction_on_noise, tiny_model
 
 COORDS = torch.tensor([[[64.0, 60.0, 70.0], [20.0, 30.0, 40.0]], [[50.0, 50.0, 50.0], [0.0, 0.0, 0.0]]])
 LABELS = torch.tensor([[POSITIVE, NEGATIVE], [POSITIVE, PADDING]])
@@ -81,12 +79,7 @@ def test_they_train_at_every_step_from_one_computation_per_sample():
     calls = []
     stem_forward = model.high_res.forward
     model.high_res.forward = lambda volume: calls.append(volume.shape) or stem_forward(volume)
-    images = torch.randn(2, 1, 128, 128, 128)
-    masks = torch.zeros((2, 1, 128, 128, 128), dtype=torch.bool)
-    masks[:, :, 40:70, 50:80, 30:60] = True
-    config = InteractionConfig(num_clicks=3)
-    result = run_interaction(model, model.embed_image(images), images, masks, np.random.default_rng(0), config)
-    result.loss.backward()
+    interaction_on_noise(model, clicks=3).loss.backward()
     assert calls == [(2, 1, 128, 128, 128)]  # once for the K steps
     for projection in (model.high_res.project_4, model.high_res.project_8):
         assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from lib.clicks.simulator import NEGATIVE, PADDING, POSITIVE
@@ -14,8 +13,7 @@ from lib.model.weights import load_mais, save_mais
 from lib.session.interactive import InteractiveSession
 from lib.training.config import FitConfig
 from lib.training.initial_model import build_model
-from lib.training.interaction_loop import InteractionConfig, run_interaction
-from tiny import INSIDE, box_image, tiny_model
+from tiny import INSIDE, box_image, interaction_on_noise, tiny_model
 
 
 def one_step(model, volume, coords, labels):
@@ -70,17 +68,12 @@ def test_the_head_trains_at_one_step_of_a_sequence_and_validation_refines_every_
     calls = []
     refinement_forward = model.refinement.forward
     model.refinement.forward = lambda *args: calls.append(torch.is_grad_enabled()) or refinement_forward(*args)
-    images = torch.randn(2, 1, 128, 128, 128)
-    masks = torch.zeros((2, 1, 128, 128, 128), dtype=torch.bool)
-    masks[:, :, 40:70, 50:80, 30:60] = True
-    config = InteractionConfig(num_clicks=3)
-    result = run_interaction(model, model.embed_image(images), images, masks, np.random.default_rng(0), config)
-    result.loss.backward()
+    interaction_on_noise(model, clicks=3).loss.backward()
     assert calls == [True]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.refinement.coefficients.parameters())
     calls.clear()
     with torch.no_grad():
-        run_interaction(model, model.embed_image(images), images, masks, np.random.default_rng(0), config)
+        interaction_on_noise(model, clicks=3)
     assert calls == [False] * 3
 
 

@@ -11,6 +11,7 @@ import torch
 from lib.imaging import MODEL_SPACING_MM, ModelSpaceImage
 from lib.model.builder import build_mais
 from lib.model.config import EncoderConfig, MaisConfig
+from lib.training.interaction_loop import InteractionConfig, InteractionResult, run_interaction
 
 # A 30^3 image of 4 mm voxels; `box_image` sees it at 1.5 mm, 80^3 voxels: one crop window holds all of it, so no
 # click opens a second window and a session runs one step per click. (At the 0.75 mm the server would choose it is
@@ -54,3 +55,13 @@ def box_truth() -> np.ndarray:
     mask = np.zeros(IMAGE_SHAPE, dtype=bool)
     mask[OBJECT] = True
     return mask
+
+
+def interaction_on_noise(model: torch.nn.Module, clicks: int = 3) -> InteractionResult:
+    """`run_interaction` of `clicks` steps on two noise crops with a box each as their target (gradients as the
+    caller's mode allows)."""
+    images = torch.randn(2, 1, 128, 128, 128)
+    masks = torch.zeros((2, 1, 128, 128, 128), dtype=torch.bool)
+    masks[:, :, 40:70, 50:80, 30:60] = True
+    config = InteractionConfig(num_clicks=clicks)
+    return run_interaction(model, model.embed_image(images), images, masks, np.random.default_rng(0), config)
