@@ -4,7 +4,7 @@ The encoder sees a 128^3 crop through 16^3 patches: everything the decoder knows
 per 16^3 voxels, and its output upscaling (8^3 -> 16^3 -> 32^3, two transposed convolutions) adds no image
 detail. So an edge inside a patch can only be drawn where the token's features happen to say it is, and a
 structure a few voxels across is hard to draw at all. Measured on 12 of the generalist training's own samples
-(session 9, benchmarks/results/generalist/README.md): after 10 clicks run 17 reaches Dice 0.73 where the best
+(session 9, `benchmarks/training_fit.py --oracle-every 4`): after 10 clicks run 17 reaches Dice 0.73 where the best
 32^3 logits reach 0.95, and it is furthest behind on the small targets.
 
 This module gives the decoder the image at its own scales. A small convolutional stem reads the crop's voxels
