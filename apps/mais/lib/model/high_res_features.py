@@ -42,10 +42,10 @@ class HighResFeatures(nn.Module):
 
     def __init__(self, channels: int = 16) -> None:
         super().__init__()
-        # stride 4 by a 4^3 convolution of stride 4: each cell reads its own 64 voxels, none averaged away
         # each convolution normalised per voxel, as the decoder's upscaling is: without, one batch of the first
         # GPU run (run 20, session 9) drove the logits so far that its loss rose from 9 to 2705 for a step
         self.stride_4 = nn.Sequential(
+            # stride 4 by a 4^3 convolution of stride 4: each cell reads its own 64 voxels, none averaged away
             nn.Conv3d(1, channels, kernel_size=4, stride=4),
             LayerNorm3d(channels),
             nn.GELU(),
