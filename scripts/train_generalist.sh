@@ -6,12 +6,13 @@
 # restart from the committed weights (apps/mais/model/mais_light.pt, fp16): a fresh AdamW and a learning rate
 # that warms up and decays over the run's time budget, so device sessions add up.
 #
-#   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED [CLICKS] [CLICK_LOSS_WEIGHT] [HIGH_RES]
+#   scripts/train_generalist.sh OUT BATCH LR BUDGET_S SEED [CLICKS] [CLICK_LOSS_WEIGHT] [HIGH_RES] [HIGH_RES_LR_SCALE]
 #
 # CLICKS: interaction steps K per sample (default 10). CLICK_LOSS_WEIGHT: the weight of the cross-entropy at the
 # clicks themselves (default 0: runs 1-15 trained without it). HIGH_RES: 1 adds the decoder's high-resolution
 # image features (lib/model/high_res_features.py; they start at zero where the weights lack them), 0 drops them,
-# unset keeps the weights' own.
+# unset keeps the weights' own. HIGH_RES_LR_SCALE: their learning rate is LR x this (default 1; they start from
+# zero, and at 1 they had barely moved after run 21's 21 minutes).
 # OUT gets gen.pt (fp32), gen16.pt.part-* (the fp16 weights in pieces under the device's 16 MiB file limit:
 # `cat gen16.pt.part-* > apps/mais/model/mais_light.pt` here), train_log.txt and gpu_util.txt (nvidia-smi's
 # SM busy share every 5 s). The device call (benchmarks/results/generalist/README.md has the ones that ran):
@@ -21,7 +22,7 @@
 #   # typing-extensions wheels for the device's Python 3.12 (the device tool's README says how to download them)
 #   run(command="bash scripts/train_generalist.sh $OUT 96 3e-4 420 4", carry=[".whl", "data-cache"])
 set -euo pipefail
-out=$(realpath -m "$1") batch=$2 lr=$3 budget=$4 seed=$5 clicks=${6:-10} click_loss_weight=${7:-0}
+out=$(realpath -m "$1") batch=$2 lr=$3 budget=$4 seed=$5 clicks=${6:-10} click_loss_weight=${7:-0} high_res_lr_scale=${9:-1}
 case ${8:-} in 1) high_res=(--high-res-features) ;; 0) high_res=(--no-high-res-features) ;; *) high_res=() ;; esac
 repo=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}  # e.g. PYTHON=.venv/bin/python to try it here on the CPU
@@ -38,7 +39,7 @@ if command -v nvidia-smi >/dev/null; then
 fi
 $PY -m lib.training.fit --init model/mais_light.pt --train-encoder \
   --training-cache ../../data-cache/training_cache.npz --cache-fraction 0.9 --click-mix mixed --clicks "$clicks" \
-  --click-loss-weight "$click_loss_weight" "${high_res[@]}" \
+  --click-loss-weight "$click_loss_weight" "${high_res[@]}" --high-res-lr-scale "$high_res_lr_scale" \
   --batch-size "$batch" --lr "$lr" --warmup-steps 10 --ce-weight 1.0 --steps 100000 --time-budget-s "$budget" \
   --no-deterministic --log-every 10 --checkpoint-every 100000 --seed "$seed" --out /tmp/run/gen.pt 2>&1 \
   | grep --line-buffered -v nvImage | tee "$out/train_log.txt"

@@ -29,11 +29,16 @@ TINY_SIZE = 64
 TINY_SYNTHETIC = SyntheticConfig(size=TINY_SIZE, radius_range=(3.0, 14.0))
 
 
-def tiny_model(memory_mode: str = "both", prompt_clicks: str = "all"):
+def tiny_model(memory_mode: str = "both", prompt_clicks: str = "all", high_res_features: bool = False):
     torch.manual_seed(0)
     encoder = EncoderConfig(embed_dim=32, depth=1, num_heads=2, window_size=0, img_size=TINY_SIZE)
     config = MaisConfig(
-        name="tiny", encoder=encoder, memory_mode=memory_mode, memory_size=8, prompt_clicks=prompt_clicks
+        name="tiny",
+        encoder=encoder,
+        memory_mode=memory_mode,
+        memory_size=8,
+        prompt_clicks=prompt_clicks,
+        high_res_features=high_res_features,
     )
     return build_mais(config).train()
 
@@ -161,6 +166,23 @@ def test_the_memory_attention_learns_at_its_own_scale_of_the_learning_rate():
     assert memory and all(rates[i] == pytest.approx(1e-2) for i in memory)
     assert all(rate == pytest.approx(1e-3) for i, rate in rates.items() if i not in memory)
     assert len(rates) == sum(p.requires_grad for p in model.parameters())  # every trainable weight, once
+
+
+def test_the_high_res_features_learn_at_their_own_scale_of_the_learning_rate():
+    model = tiny_model(high_res_features=True)
+    config = FitConfig(lr=1e-3, steps=100, warmup_steps=1, memory_lr_scale=10, high_res_lr_scale=30)
+    optimiser, schedule = make_optimiser(model, config)
+    schedule.apply(0, elapsed_s=0.0)
+    rates = {id(p): group["lr"] for group in optimiser.param_groups for p in group["params"]}
+    high_res = {id(p) for p in model.high_res.parameters()}
+    memory = {id(p) for p in model.memory_attention.parameters()}
+    assert high_res and all(rates[i] == pytest.approx(3e-2) for i in high_res)
+    assert all(rates[i] == pytest.approx(1e-2) for i in memory)
+    assert all(rate == pytest.approx(1e-3) for i, rate in rates.items() if i not in memory | high_res)
+    assert len(rates) == sum(p.requires_grad for p in model.parameters())
+    # the same groups whatever the scales: a run resumed with others loads the optimiser state it saved
+    resumed, _ = make_optimiser(model, FitConfig(lr=1e-3, steps=100, memory_lr_scale=30, high_res_lr_scale=30))
+    resumed.load_state_dict(optimiser.state_dict())
 
 
 def test_a_trainable_encoder_gets_gradients_through_the_loop():

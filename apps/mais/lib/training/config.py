@@ -52,6 +52,12 @@ class FitConfig(BaseModel):
     memory_lr_scale: float = Field(
         1.0, gt=0, description="the memory attention's learning rate is lr x this (it starts from zero, the rest not)"
     )
+    high_res_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="the high-resolution image features' learning rate is lr x this (their projections start from "
+        "zero, the rest not)",
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps (at most a tenth of the run)")
     max_grad_norm: float = Field(1.0, gt=0, description="clip gradients to this norm (ten summed losses can spike)")
