@@ -2,7 +2,9 @@
 
 Runs the same cases and click rules as `bench_server.py`, calling `InteractiveSession.add_click` directly (model
 step, upsampling, resampling onto the original grid). Used where the server cannot run, e.g. on the GPU
-machine, whose Python lacks monailabel; HTTP and result writing come on top (see bench_server.py on the CPU).
+machine, whose Python lacks monailabel (it needs wheels there of scripts/train_generalist.sh's packages and of
+bench_server.py's imports: pynrrd, requests, requests-toolbelt and theirs); HTTP and result writing come on top
+(see bench_server.py on the CPU).
 
     .venv/bin/python benchmarks/bench_session.py --device cuda
     .venv/bin/python benchmarks/bench_session.py --device cuda --profile 30   # and where a later click's time goes
