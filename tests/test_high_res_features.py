@@ -1,5 +1,6 @@
-"""lib.model.high_res_features: off is SAM-Med3D, fresh features change nothing, trained ones draw image detail
-into the decoder's mask, they train through every step, and weights files and sessions carry them."""
+"""lib.model.high_res_features: off is SAM-Med3D, fresh features (and a fresh prompt branch) change nothing,
+trained ones draw image detail and the clicks into the decoder's mask where they are, they train through every
+step, and weights files and sessions carry them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from lib.clicks.simulator import NEGATIVE, PADDING, POSITIVE
 from lib.model.builder import build_mais
 from lib.model.config import MaisConfig
+from lib.model.high_res_features import HighResFeatures, prompt_maps
 from lib.model.interaction import InteractionState
 from lib.model.weights import load_mais, save_mais
 from lib.session.interactive import InteractiveSession
@@ -75,14 +77,59 @@ def test_predict_refuses_features_a_model_has_not_and_wants_those_it_has():
 
 
 def test_they_train_at_every_step_from_one_computation_per_sample():
-    model = tiny_model(high_res_features=True).train()
+    model = tiny_model(high_res_features=True, high_res_prompts=True).train()
+    # the prompt branch's gradient passes through the projections, which start at zero too: trained ones here
+    torch.nn.init.normal_(model.high_res.project_4.weight, std=0.1)
     calls = []
-    stem_forward = model.high_res.forward
-    model.high_res.forward = lambda volume: calls.append(volume.shape) or stem_forward(volume)
+    image_cells = model.high_res.image_cells
+    model.high_res.image_cells = lambda volume: calls.append(volume.shape) or image_cells(volume)
     interaction_on_noise(model, clicks=3).loss.backward()
-    assert calls == [(2, 1, 128, 128, 128)]  # once for the K steps
-    for projection in (model.high_res.project_4, model.high_res.project_8):
-        assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+    assert calls == [(2, 1, 128, 128, 128)]  # the crop's part once for the K steps
+    for layer in (model.high_res.project_4, model.high_res.project_8, model.high_res.prompt_4[-1]):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_prompts_need_the_features_and_a_fresh_branch_changes_nothing():
+    with pytest.raises(ValueError, match="needs them"):
+        MaisConfig.light(high_res_prompts=True)
+    trained = tiny_model(high_res_features=True)
+    with_prompts = tiny_model(high_res_features=True, high_res_prompts=True)
+    for projection in (trained.high_res.project_4, trained.high_res.project_8):
+        torch.nn.init.normal_(projection.weight, std=0.5)  # features that move the mask
+    missing, unexpected = with_prompts.load_state_dict(trained.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("high_res.prompt_4.") for k in missing)
+    volume = torch.randn(2, 1, 128, 128, 128)
+    for before, after in zip(steps(trained, volume), steps(with_prompts, volume)):
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_prompt_maps_draw_the_clicks_and_the_previous_mask_on_the_decoders_grid():
+    previous = torch.full((2, 1, 32, 32, 32), -20.0)
+    previous[:, :, 10:20] = 20.0
+    maps = prompt_maps(COORDS, LABELS, previous, size=32, crop_size=128)  # [2, 3, 32, 32, 32]
+    assert maps.shape == (2, 3, 32, 32, 32)
+    assert maps[0, 0, 16, 15, 17] == 1 and maps[0, 0].sum() == 27  # the positive click's 3^3 block, cell 16,15,17
+    assert maps[0, 1, 5, 7, 10] == 1 and maps[0, 1].sum() == 27  # the negative one, (20, 30, 40) / 4
+    assert maps[1, 1].sum() == 0  # a padding click draws nothing
+    assert maps[0, 2, 15].min() > 0.99 and maps[0, 2, 25].max() < -0.99  # inside and outside the previous mask
+    assert prompt_maps(COORDS, LABELS, None, size=32, crop_size=128)[:, 2].abs().sum() == 0  # no mask yet
+
+
+def test_drawn_in_prompts_change_the_features_only_near_where_they_are():
+    stem = HighResFeatures(prompts=True)
+    torch.nn.init.normal_(stem.prompt_4[-1].weight, std=0.5)
+    torch.nn.init.normal_(stem.project_4.weight, std=0.5)
+    cells = stem.image_cells(torch.randn(1, 1, 128, 128, 128))
+    one_click = prompt_maps(COORDS[:1, :1], LABELS[:1, :1], None, size=32, crop_size=128)
+    two_clicks = prompt_maps(COORDS[:1], LABELS[:1], None, size=32, crop_size=128)  # plus a negative at 5, 7, 10
+    with torch.no_grad():
+        _, before = stem(cells, one_click)
+        _, after = stem(cells, two_clicks)
+    changed = torch.nonzero((after - before).abs()[0].amax(0) > 0)
+    # the click's 3^3 block through the branch's 3^3 convolution: cells 5, 7, 10 +- 2, nowhere else
+    assert len(changed) and (changed - torch.tensor([5, 7, 10])).abs().max() <= 2
+    with pytest.raises(ValueError, match="prompt maps are for a stem with prompts"):
+        HighResFeatures()(cells, one_click)
 
 
 def test_training_adds_them_to_weights_without_and_the_file_keeps_them(tmp_path):
@@ -100,15 +147,14 @@ def test_training_adds_them_to_weights_without_and_the_file_keeps_them(tmp_path)
 def test_a_session_computes_them_once_a_window_and_counts_their_bytes(tmp_path):
     image = box_image(tmp_path / "box.nii.gz")
     with_features, without = (
-        InteractiveSession(image, tiny_model(high_res_features=True)),
+        InteractiveSession(image, tiny_model(high_res_features=True, high_res_prompts=True)),
         InteractiveSession(image, tiny_model()),
     )
     for session in (with_features, without):
         session.apply([INSIDE], [])
-    stride_8, stride_4 = with_features.windows[0].interaction.high_res
-    assert stride_8.shape == (1, 96, 16, 16, 16) and stride_4.shape == (1, 48, 32, 32, 32)
+    assert with_features.windows[0].interaction.high_res.shape == (1, 16, 32, 32, 32)  # the crop's cells
     extra = with_features.nbytes_by_part()["window embeddings"] - without.nbytes_by_part()["window embeddings"]
-    assert extra == (96 * 16**3 + 48 * 32**3) * 4
+    assert extra == 16 * 32**3 * 4
     features = with_features.windows[0].interaction.high_res
     with_features.apply([INSIDE, (INSIDE[0] + 2, *INSIDE[1:])], [])  # a second click in the same window
     assert with_features.windows[0].interaction.high_res is features

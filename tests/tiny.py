@@ -22,7 +22,10 @@ INSIDE = (15, 17, 13)  # a voxel of it
 
 
 def tiny_model(
-    prompt_clicks: str = "all", refinement: bool = False, high_res_features: bool = False
+    prompt_clicks: str = "all",
+    refinement: bool = False,
+    high_res_features: bool = False,
+    high_res_prompts: bool = False,
 ) -> torch.nn.Module:
     """A one-block encoder on the real 128^3 crops (the session's windows are 128^3); seeded random weights."""
     torch.manual_seed(0)
@@ -34,6 +37,7 @@ def tiny_model(
         prompt_clicks=prompt_clicks,
         refinement=refinement,
         high_res_features=high_res_features,
+        high_res_prompts=high_res_prompts,
     )
     return build_mais(config)
 

@@ -63,6 +63,9 @@ class MaisConfig:
     inference: "all" (every click so far) or "latest" (only the step's new click, as SAM-Med3D's own training and
     validation do and the MAIS paper's baseline: earlier clicks then reach the model only through the previous
     mask and, with a memory, the memory bank). Weights trained with one are used with the same one.
+    refinement: the full-resolution head (lib.model.refinement). high_res_features: the decoder's high-resolution
+    image features; high_res_prompts: with the step's clicks and previous mask drawn into them
+    (lib.model.high_res_features).
     """
 
     name: str
@@ -74,8 +77,11 @@ class MaisConfig:
     prompt_clicks: str = "all"
     refinement: bool = False
     high_res_features: bool = False
+    high_res_prompts: bool = False
 
     def __post_init__(self) -> None:
+        if self.high_res_prompts and not self.high_res_features:
+            raise ValueError("high_res_prompts draws the prompts into the high-resolution features: needs them")
         if self.memory_mode not in MEMORY_MODES:
             raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}")
         if self.prompt_clicks not in PROMPT_CLICKS:

@@ -1,4 +1,5 @@
-"""High-resolution image features for the mask decoder's upscaling (SAM 2's idea, in 3D).
+"""High-resolution image features for the mask decoder's upscaling (SAM 2's idea, in 3D), optionally with the
+prompts drawn in at the same resolution (nnInteractive's idea: clicks and the previous mask as input channels).
 
 The encoder sees a 128^3 crop through 16^3 patches: everything the decoder knows about the image is one token
 per 16^3 voxels, and its output upscaling (8^3 -> 16^3 -> 32^3, two transposed convolutions) adds no image
@@ -8,9 +9,11 @@ structure a few voxels across is hard to draw at all. Measured on 12 of the gene
 32^3 logits reach 0.95, and it is furthest behind on the small targets.
 
 This module gives the decoder the image at its own scales. A small convolutional stem reads the crop's voxels
-directly:
+directly; its first stage depends on the crop alone, so a window computes it once, beside its image embedding
+(`image_cells`, kept by lib.model.interaction.InteractionState), and every step finishes it (`forward`):
 
-    volume [B, 1, 128, 128, 128] -> stride 4: [B, 48, 32, 32, 32], stride 8: [B, 96, 16, 16, 16]
+    volume [B, 1, 128, 128, 128] -> cells [B, 16, 32, 32, 32]                                 once a crop
+    cells (+ prompt_4(prompt maps) with prompts) -> stride 4: [B, 48, 32^3], stride 8: [B, 96, 16^3]  each step
 
 and the decoder's upscaling adds them before its activations, as SAM 2's mask decoder adds its encoder's stride-4
 and stride-8 maps (`decode_with_high_res`):
@@ -18,10 +21,16 @@ and stride-8 maps (`decode_with_high_res`):
     upscaled = GELU(LayerNorm(ConvT1(src) + stride_8))     [B, 96, 16^3]
     upscaled = GELU(ConvT2(upscaled) + stride_4)           [B, 48, 32^3]
 
-The two projections onto the decoder's channels start at zero, so a model given fresh features computes exactly
-what it did without them; a model without them (MaisConfig.high_res_features False) is SAM-Med3D's network.
-The stem is 44 k parameters; its features depend on the crop alone, so a window computes them once, beside its
-image embedding (lib.model.interaction.InteractionState).
+With prompts (MaisConfig.high_res_prompts), the step's clicks and previous mask reach the cells at 32^3 (3 mm at
+0.75 mm voxels) too: `prompt_maps` draws the positive and the negative clicks (3^3 blocks) and the previous low-res
+logits (squashed) as three channels, and a two-layer branch adds its features to the image's. Without them a click
+reaches the upscaling only through the decoder's tokens, one per 12 mm: run 17, which obeys 95 % of its clicks,
+still corrects a fixed few voxels around each (benchmarks/results/generalist/README.md, session 9), where a
+correction should run to the image's edge near the click.
+
+The two projections onto the decoder's channels and the prompt branch's last layer start at zero, so a model
+given fresh features (or a fresh prompt branch) computes exactly what it did without them; a model without them
+(MaisConfig.high_res_features False) is SAM-Med3D's network. The stem is 44 k parameters, the prompt branch 1.6 k.
 """
 
 from __future__ import annotations
@@ -30,17 +39,22 @@ import torch
 from medim.models.sam_med3d import LayerNorm3d, MaskDecoder3D
 from torch import Tensor, nn
 
+from .refinement import LOGIT_SCALE, click_maps
+
 # The decoder's upscaling channels at 16^3 and 32^3 (medim's MaskDecoder3D: transformer_dim / 4 and / 8)
 STRIDE_8_CHANNELS = 96
 STRIDE_4_CHANNELS = 48
+# what `prompt_maps` draws: positive clicks, negative clicks, the previous mask
+PROMPT_CHANNELS = 3
 
 HighResFeatureMaps = tuple[Tensor, Tensor]  # (stride 8 [B, 96, 16, 16, 16], stride 4 [B, 48, 32, 32, 32])
 
 
 class HighResFeatures(nn.Module):
-    """The stem of the module docstring: `channels` features at stride 4, twice as many at stride 8."""
+    """The stem of the module docstring: `channels` features at stride 4, twice as many at stride 8; with
+    `prompts`, the branch that adds the prompt maps to the stride-4 cells."""
 
-    def __init__(self, channels: int = 16) -> None:
+    def __init__(self, channels: int = 16, prompts: bool = False) -> None:
         super().__init__()
         # each convolution normalised per voxel, as the decoder's upscaling is: without, one batch of the first
         # GPU run (run 20, session 9) drove the logits so far that its loss rose from 9 to 2705 for a step
@@ -63,15 +77,49 @@ class HighResFeatures(nn.Module):
         )
         self.project_4 = nn.Conv3d(channels, STRIDE_4_CHANNELS, kernel_size=1)
         self.project_8 = nn.Conv3d(2 * channels, STRIDE_8_CHANNELS, kernel_size=1)
-        for projection in (self.project_4, self.project_8):
-            nn.init.zeros_(projection.weight)
-            nn.init.zeros_(projection.bias)
+        starts_at_zero = [self.project_4, self.project_8]
+        self.prompt_4: nn.Sequential | None = None
+        if prompts:
+            # 3^3 at 32^3 then per cell: a click's block and the mask's edge, seen beside the image's cells
+            self.prompt_4 = nn.Sequential(
+                nn.Conv3d(PROMPT_CHANNELS, channels, kernel_size=3, padding=1),
+                LayerNorm3d(channels),
+                nn.GELU(),
+                nn.Conv3d(channels, channels, kernel_size=1),
+            )
+            starts_at_zero.append(self.prompt_4[-1])
+        for layer in starts_at_zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
-    def forward(self, volume: Tensor) -> HighResFeatureMaps:
-        """volume [B, 1, S, S, S] (normalised as the encoder's input) -> (stride 8 [B, 96, S/8, S/8, S/8],
-        stride 4 [B, 48, S/4, S/4, S/4]) in the decoder's channels."""
-        fine = self.stride_4(volume)
-        return self.project_8(self.stride_8(fine)), self.project_4(fine)
+    def image_cells(self, volume: Tensor) -> Tensor:
+        """volume [B, 1, S, S, S] (normalised as the encoder's input) -> cells [B, channels, S/4, S/4, S/4]: the
+        part that depends on the crop alone."""
+        return self.stride_4(volume)
+
+    def forward(self, cells: Tensor, prompt: Tensor | None = None) -> HighResFeatureMaps:
+        """cells [B, channels, S/4, S/4, S/4] from `image_cells`; prompt [B, 3, S/4, S/4, S/4] from `prompt_maps`
+        for (and only for) a stem with prompts -> (stride 8 [B, 96, S/8, S/8, S/8], stride 4 [B, 48, S/4, S/4,
+        S/4]) in the decoder's channels."""
+        if (prompt is not None) != (self.prompt_4 is not None):
+            raise ValueError(f"prompt maps are for a stem with prompts (this one: {self.prompt_4 is not None})")
+        if self.prompt_4 is not None:
+            cells = cells + self.prompt_4(prompt)
+        return self.project_8(self.stride_8(cells)), self.project_4(cells)
+
+
+def prompt_maps(
+    point_coords: Tensor, point_labels: Tensor, prev_low_res_logits: Tensor | None, size: int, crop_size: int
+) -> Tensor:
+    """The step's prompt at size^3 over the crop_size^3 crop: positive and negative clicks as 3^3 blocks of ones
+    (lib.model.refinement.click_maps; padding clicks draw nothing) and the previous low-res logits [B, 1, size^3]
+    (the decoder's grid) squashed to (-1, 1), zero before the first step -> [B, 3, size, size, size]."""
+    clicks = click_maps(point_coords, point_labels, size, crop_size)
+    if prev_low_res_logits is None:
+        previous = clicks.new_zeros(clicks.shape[0], 1, size, size, size)
+    else:
+        previous = torch.tanh(prev_low_res_logits.float() / LOGIT_SCALE).to(clicks.dtype)
+    return torch.cat([clicks, previous], dim=1)
 
 
 def decode_with_high_res(

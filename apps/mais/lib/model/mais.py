@@ -3,7 +3,7 @@
 Use (the infer task and the trainer call exactly this; build it with `lib.model.builder`):
 
     emb = model.embed_image(volume)              # [B, 1, 128, 128, 128] normalised -> [B, 384, 8, 8, 8]
-    high_res = model.high_res_features(volume)   # None, or the decoder's stride-8 and stride-4 image features
+    high_res = model.high_res_features(volume)   # None, or the crop's high-resolution cells [B, 16, 32^3]
     memory = model.new_memory(batch_size=B)      # empty MemoryBank, FIFO of cfg.memory_size interactions
     out = model.predict(emb, point_coords, point_labels, prev_low_res_logits, memory, high_res)
     memory.push(out.memory_entry)                # the CALLER pushes, once per interaction step
@@ -15,8 +15,9 @@ without touching the session. `lib.model.interaction` is the step every caller r
 
 Full-resolution refinement (MaisConfig.refinement): `mask_logits` upsamples the decoder's logits and, with the
 head on, adds lib.model.refinement's residual. High-resolution features (MaisConfig.high_res_features): the
-decoder's upscaling adds the crop's own features at strides 8 and 4 (lib.model.high_res_features). With both
-off (and memory "none") the network is SAM-Med3D's.
+decoder's upscaling adds the crop's own features at strides 8 and 4, finished every step from cells computed
+once a crop and, with MaisConfig.high_res_prompts, from the step's clicks and previous mask drawn at 32^3
+(lib.model.high_res_features). With both off (and memory "none") the network is SAM-Med3D's.
 
 Memory modes (MaisConfig.memory_mode): "none" is exactly SAM-Med3D (the prompt encoder and mask decoder of
 medim on the image embedding, memory ignored), "sparse" / "dense" / "both" add the memory attention's dense term
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from .config import MaisConfig
 from .cuda_graphs import DecoderGraphs, decode
-from .high_res_features import HighResFeatureMaps, HighResFeatures
+from .high_res_features import HighResFeatureMaps, HighResFeatures, prompt_maps
 from .image_encoder import ImageEncoder3D
 from .memory_attention import MemoryAttention, MemoryAttentionWeights
 from .memory_bank import MemoryBank, MemoryEntry
@@ -75,6 +76,8 @@ class Mais(nn.Module):
             raise ValueError(f"config.refinement is {config.refinement}, the refinement head is {refinement}")
         if (high_res is not None) != config.high_res_features:
             raise ValueError(f"config.high_res_features is {config.high_res_features}, the module is {high_res}")
+        if high_res is not None and (high_res.prompt_4 is not None) != config.high_res_prompts:
+            raise ValueError(f"config.high_res_prompts is {config.high_res_prompts}, the module's differ")
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
@@ -114,10 +117,11 @@ class Mais(nn.Module):
         """volume [B, 1, S, S, S] (S = 128, normalised as SAM-Med3D expects) -> embedding [B, E, S/16, S/16, S/16]."""
         return self.image_encoder(volume)
 
-    def high_res_features(self, volume: Tensor) -> HighResFeatureMaps | None:
-        """The decoder's image features of volume [B, 1, S, S, S] (stride 8 [B, 96, S/8, ...], stride 4 [B, 48,
-        S/4, ...]), None for a model without them. Like the embedding, a function of the crop alone."""
-        return None if self.high_res is None else self.high_res(volume)
+    def high_res_features(self, volume: Tensor) -> Tensor | None:
+        """The high-resolution cells of volume [B, 1, S, S, S] ([B, 16, S/4, S/4, S/4]) that `predict` finishes
+        into the decoder's features each step; None for a model without them. Like the embedding, a function of
+        the crop alone."""
+        return None if self.high_res is None else self.high_res.image_cells(volume)
 
     def new_memory(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> MemoryBank:
         """Empty memory bank for `batch_size` sessions side by side.
@@ -138,7 +142,7 @@ class Mais(nn.Module):
         point_labels: Tensor,
         prev_low_res_logits: Tensor | None = None,
         memory: MemoryBank | None = None,
-        high_res: HighResFeatureMaps | None = None,
+        high_res: Tensor | None = None,
     ) -> MaisOutput:
         """One interaction: prompt encoder, memory attention, mask decoder (no upsampling, no memory update).
 
@@ -148,7 +152,8 @@ class Mais(nn.Module):
         point_labels [B, P] int: 1 positive, 0 negative, -1 padding (rows of a batch with fewer clicks).
         prev_low_res_logits [B, 1, 32, 32, 32] logits of the previous step, or None (first step).
         memory: the session's MemoryBank (batch size B), or None for an empty one; read only.
-        high_res: `high_res_features` of the crops, for (and only for) a model with them.
+        high_res: `high_res_features` of the crops, for (and only for) a model with them: finished here into the
+            decoder's stride-8 and stride-4 features, with this step's prompt drawn in for high_res_prompts.
         """
         B = image_embeddings.shape[0]
         if point_coords.shape[:2] != point_labels.shape or point_coords.shape[0] != B or point_coords.shape[-1] != 3:
@@ -177,11 +182,24 @@ class Mais(nn.Module):
             slots = memory.newest_first() if memory is not None else ()
             memory_term, attention = self.memory_attention(image_embeddings, image_pe, entry, slots, mode)
             src = image_embeddings + memory_term
+        features = self._finish_high_res(high_res, point_coords, point_labels, prev_low_res_logits)
         if self.decoder_graphs is not None and self.decoder_graphs.accepts(src):
-            low_res_logits = self.decoder_graphs(src, image_pe, sparse, dense, high_res)
+            low_res_logits = self.decoder_graphs(src, image_pe, sparse, dense, features)
         else:
-            low_res_logits = decode(self.mask_decoder, src, image_pe, sparse, dense, high_res)
+            low_res_logits = decode(self.mask_decoder, src, image_pe, sparse, dense, features)
         return MaisOutput(low_res_logits, entry, attention)
+
+    def _finish_high_res(
+        self, cells: Tensor | None, point_coords: Tensor, point_labels: Tensor, prev_low_res_logits: Tensor | None
+    ) -> HighResFeatureMaps | None:
+        """The decoder's high-resolution features of this step from the crops' cells (None without them)."""
+        if cells is None:
+            return None
+        prompt = None
+        if self.config.high_res_prompts:
+            size = cells.shape[-1]
+            prompt = prompt_maps(point_coords, point_labels, prev_low_res_logits, size, self.img_size).to(cells.dtype)
+        return self.high_res(cells, prompt)
 
     def forward(self, *args, **kwargs) -> MaisOutput:
         """Same as `predict` (so that module hooks and wrappers such as DDP see the trainable path)."""

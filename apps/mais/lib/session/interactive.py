@@ -273,7 +273,7 @@ class InteractiveSession:
 
     def nbytes_by_part(self) -> dict[str, int]:
         """`nbytes` by what holds it: the image in model space, the logits, the mask, and the windows' volumes,
-        embeddings (with their high-resolution features, for a model with them), memories and last low-res logits
+        embeddings (with their high-resolution cells, for a model with them), memories and last low-res logits
         (summed over the windows)."""
         windows = self.windows
         return {
@@ -282,8 +282,7 @@ class InteractiveSession:
             "mask": self.mask.nbytes,
             "window volumes": sum(_tensor_bytes(w.volume) for w in windows),
             "window embeddings": sum(
-                _tensor_bytes(w.image_embedding) + sum(map(_tensor_bytes, w.interaction.high_res or ()))
-                for w in windows
+                _tensor_bytes(w.image_embedding) + _tensor_bytes(w.interaction.high_res) for w in windows
             ),
             "window memories": sum(w.interaction.memory.nbytes() for w in windows),
             "window low-res logits": sum(_tensor_bytes(w.interaction.low_res_logits) for w in windows),

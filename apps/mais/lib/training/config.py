@@ -42,6 +42,12 @@ class FitConfig(BaseModel):
         "image features; unset: the --init file's, or the --encoder network's default; features the init file "
         "lacks start at zero",
     )
+    high_res_prompts: bool | None = Field(
+        None,
+        description="with (--high-res-prompts) or without (--no-high-res-prompts) the step's clicks and previous "
+        "mask drawn into the high-resolution features (needs them); unset: the --init file's, or off; a prompt "
+        "branch the init file lacks starts at zero",
+    )
     fresh_memory: bool = Field(
         False, description="with --init: memory attention starts afresh, not from the file (equal start to compare)"
     )

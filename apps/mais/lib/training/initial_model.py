@@ -25,7 +25,11 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
         network = NETWORKS[config.encoder](
             memory_mode=config.memory_mode, memory_size=config.memory_size, prompt_clicks=config.prompt_clicks
         )
-        switches = {"refinement": config.refinement, "high_res_features": config.high_res_features}
+        switches = {
+            "refinement": config.refinement,
+            "high_res_features": config.high_res_features,
+            "high_res_prompts": config.high_res_prompts,
+        }
         network = dataclasses.replace(network, **{k: v for k, v in switches.items() if v is not None})
         model = build_mais(network)
     else:
@@ -36,14 +40,18 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
 
 
 def _model_from_init(config: FitConfig) -> Mais:
-    """The `init` file's network with this run's memory mode and size (and refinement head and high-resolution
-    features, when set), loaded with every weight whose shape still fits. Only memory-attention weights (its age
-    embeddings are sized by memory_size, so a stage-1 file trained with N = 60 also starts an N = 10 run) and a
-    refinement head or high-resolution features the file lacks may start fresh; any other mismatch is an error. A
-    file's head or features that this run drops are left out."""
+    """The `init` file's network with this run's memory mode and size (and refinement head, high-resolution
+    features and their prompts, when set), loaded with every weight whose shape still fits. Only memory-attention
+    weights (its age embeddings are sized by memory_size, so a stage-1 file trained with N = 60 also starts an
+    N = 10 run) and a refinement head, high-resolution features or prompt branch the file lacks may start fresh;
+    any other mismatch is an error. A file's head or features that this run drops are left out."""
     source = load_mais(config.init, device="cpu")
     refinement = source.config.refinement if config.refinement is None else config.refinement
     high_res = source.config.high_res_features if config.high_res_features is None else config.high_res_features
+    # the file's prompt branch goes with its features; one asked for without features is MaisConfig's error
+    prompts = config.high_res_prompts
+    if prompts is None:
+        prompts = source.config.high_res_prompts and high_res
     model = build_mais(
         dataclasses.replace(
             source.config,
@@ -52,6 +60,7 @@ def _model_from_init(config: FitConfig) -> Mais:
             prompt_clicks=config.prompt_clicks,
             refinement=refinement,
             high_res_features=high_res,
+            high_res_prompts=prompts,
         )
     )
     expected = model.state_dict()
