@@ -110,7 +110,7 @@ def test_prompt_maps_draw_the_clicks_and_the_previous_mask_on_the_decoders_grid(
     assert maps.shape == (2, 3, 32, 32, 32)
     assert maps[0, 0, 16, 15, 17] == 1 and maps[0, 0].sum() == 27  # the positive click's 3^3 block, cell 16,15,17
     assert maps[0, 1, 5, 7, 10] == 1 and maps[0, 1].sum() == 27  # the negative one, (20, 30, 40) / 4
-    assert maps[1, 1].sum() == 0  # a padding click draws nothing
+    assert maps[1, 0].sum() == 27 and maps[1, 1].sum() == 0  # the padding click beside the positive draws nothing
     assert maps[0, 2, 15].min() > 0.99 and maps[0, 2, 25].max() < -0.99  # inside and outside the previous mask
     assert prompt_maps(COORDS, LABELS, None, size=32, crop_size=128)[:, 2].abs().sum() == 0  # no mask yet
 
@@ -146,15 +146,14 @@ def test_training_adds_them_to_weights_without_and_the_file_keeps_them(tmp_path)
 
 def test_a_session_computes_them_once_a_window_and_counts_their_bytes(tmp_path):
     image = box_image(tmp_path / "box.nii.gz")
-    with_features, without = (
-        InteractiveSession(image, tiny_model(high_res_features=True, high_res_prompts=True)),
-        InteractiveSession(image, tiny_model()),
-    )
-    for session in (with_features, without):
+    without = InteractiveSession(image, tiny_model())
+    without.apply([INSIDE], [])
+    # the finished features without prompts, the cells that each step finishes with its prompt with them
+    for prompts, nbytes in ((False, (96 * 16**3 + 48 * 32**3) * 4), (True, 16 * 32**3 * 4)):
+        session = InteractiveSession(image, tiny_model(high_res_features=True, high_res_prompts=prompts))
         session.apply([INSIDE], [])
-    assert with_features.windows[0].interaction.high_res.shape == (1, 16, 32, 32, 32)  # the crop's cells
-    extra = with_features.nbytes_by_part()["window embeddings"] - without.nbytes_by_part()["window embeddings"]
-    assert extra == 16 * 32**3 * 4
-    features = with_features.windows[0].interaction.high_res
-    with_features.apply([INSIDE, (INSIDE[0] + 2, *INSIDE[1:])], [])  # a second click in the same window
-    assert with_features.windows[0].interaction.high_res is features
+        extra = session.nbytes_by_part()["window embeddings"] - without.nbytes_by_part()["window embeddings"]
+        assert extra == nbytes
+        kept = session.windows[0].interaction.high_res
+        session.apply([INSIDE, (INSIDE[0] + 2, *INSIDE[1:])], [])  # a second click in the same window
+        assert session.windows[0].interaction.high_res is kept

@@ -13,6 +13,7 @@ import torch
 from lib.model.builder import build_mais
 from lib.model.config import EncoderConfig, MaisConfig
 from lib.model.weights import load_mais, save_mais
+from lib.training.checkpoint import load_checkpoint, save_checkpoint
 from lib.training.config import FitConfig
 from lib.training.data_sources import load_training_pairs, save_training_pair
 from lib.training.distributed import fit_distributed
@@ -180,9 +181,24 @@ def test_the_high_res_features_learn_at_their_own_scale_of_the_learning_rate():
     assert all(rates[i] == pytest.approx(1e-2) for i in memory)
     assert all(rate == pytest.approx(1e-3) for i, rate in rates.items() if i not in memory | high_res)
     assert len(rates) == sum(p.requires_grad for p in model.parameters())
-    # the same groups whatever the scales: a run resumed with others loads the optimiser state it saved
-    resumed, _ = make_optimiser(model, FitConfig(lr=1e-3, steps=100, memory_lr_scale=30, high_res_lr_scale=30))
-    resumed.load_state_dict(optimiser.state_dict())
+
+
+def test_a_run_resumed_with_other_learning_rate_scales_takes_its_own(tmp_path):
+    model = tiny_model(high_res_features=True)
+    saved = FitConfig(out=tmp_path / "run.pt", lr=1e-3, steps=100, memory_lr_scale=10, high_res_lr_scale=30)
+    optimiser, _ = make_optimiser(model, saved)
+    save_checkpoint(model, optimiser, np.random.default_rng(0), torch.Generator(), 5, saved, None)
+    # a state written before a config field existed still resumes (the field reads as its default)
+    state = torch.load(saved.state_path, weights_only=True)
+    del state["mais_config"]["high_res_prompts"]
+    torch.save(state, saved.state_path)
+    resumed, schedule = make_optimiser(model, FitConfig(lr=1e-3, steps=100, memory_lr_scale=1, high_res_lr_scale=3))
+    step = load_checkpoint(saved.state_path, model, resumed, np.random.default_rng(1), torch.Generator())
+    peak = schedule.apply(step, elapsed_s=0.0)
+    scale = {id(p): round(group["lr"] / peak, 6) for group in resumed.param_groups for p in group["params"]}
+    assert step == 5
+    assert {scale[id(p)] for p in model.high_res.parameters()} == {3}
+    assert {scale[id(p)] for p in model.memory_attention.parameters()} == {1}
 
 
 def test_a_trainable_encoder_gets_gradients_through_the_loop():

@@ -9,11 +9,13 @@ structure a few voxels across is hard to draw at all. Measured on 12 of the gene
 32^3 logits reach 0.95, and it is furthest behind on the small targets.
 
 This module gives the decoder the image at its own scales. A small convolutional stem reads the crop's voxels
-directly; its first stage depends on the crop alone, so a window computes it once, beside its image embedding
-(`image_cells`, kept by lib.model.interaction.InteractionState), and every step finishes it (`forward`):
+directly (`image_cells`, then `forward`):
 
-    volume [B, 1, 128, 128, 128] -> cells [B, 16, 32, 32, 32]                                 once a crop
-    cells (+ prompt_4(prompt maps) with prompts) -> stride 4: [B, 48, 32^3], stride 8: [B, 96, 16^3]  each step
+    volume [B, 1, 128, 128, 128] -> cells [B, 16, 32, 32, 32] -> stride 4: [B, 48, 32^3], stride 8: [B, 96, 16^3]
+
+Without prompts the features depend on the crop alone, so a window computes them once, beside its image
+embedding (lib.model.interaction.InteractionState keeps them); with prompts it keeps the cells, and each step
+finishes them with its own prompt (`Mais.predict`).
 
 and the decoder's upscaling adds them before its activations, as SAM 2's mask decoder adds its encoder's stride-4
 and stride-8 maps (`decode_with_high_res`):

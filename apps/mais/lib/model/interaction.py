@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .high_res_features import HighResFeatureMaps
 from .mais import Mais
 from .memory_attention import MemoryAttentionWeights
 from .memory_bank import MemoryBank
@@ -43,13 +44,13 @@ class StepOutput:
 class InteractionState:
     """memory: the bank of the earlier steps (batch size B). low_res_logits [B, 1, 32, 32, 32]: the previous step's
     mask logits, None before the first step (a caller may seed it, e.g. with what neighbouring windows found).
-    high_res: the crops' high-resolution cells for a model with them (`Mais.high_res_features`), computed once
-    when the interaction starts (in training with their graph, which every step's loss then trains) and finished
-    by every step's prediction."""
+    high_res: the crops' part of the high-resolution features for a model with them (`Mais.high_res_features`:
+    the features, or the cells each step finishes with its prompt), computed once when the interaction starts (in
+    training with their graph, which every step's loss then trains)."""
 
     memory: MemoryBank
     low_res_logits: Tensor | None = None
-    high_res: Tensor | None = None
+    high_res: HighResFeatureMaps | Tensor | None = None
 
     @classmethod
     def start(cls, model: Mais, batch_size: int = 1, volume: Tensor | None = None) -> InteractionState:

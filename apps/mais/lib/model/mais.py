@@ -3,7 +3,7 @@
 Use (the infer task and the trainer call exactly this; build it with `lib.model.builder`):
 
     emb = model.embed_image(volume)              # [B, 1, 128, 128, 128] normalised -> [B, 384, 8, 8, 8]
-    high_res = model.high_res_features(volume)   # None, or the crop's high-resolution cells [B, 16, 32^3]
+    high_res = model.high_res_features(volume)   # None, or the crop's part of the decoder's high-res features
     memory = model.new_memory(batch_size=B)      # empty MemoryBank, FIFO of cfg.memory_size interactions
     out = model.predict(emb, point_coords, point_labels, prev_low_res_logits, memory, high_res)
     memory.push(out.memory_entry)                # the CALLER pushes, once per interaction step
@@ -15,9 +15,9 @@ without touching the session. `lib.model.interaction` is the step every caller r
 
 Full-resolution refinement (MaisConfig.refinement): `mask_logits` upsamples the decoder's logits and, with the
 head on, adds lib.model.refinement's residual. High-resolution features (MaisConfig.high_res_features): the
-decoder's upscaling adds the crop's own features at strides 8 and 4, finished every step from cells computed
-once a crop and, with MaisConfig.high_res_prompts, from the step's clicks and previous mask drawn at 32^3
-(lib.model.high_res_features). With both off (and memory "none") the network is SAM-Med3D's.
+decoder's upscaling adds the crop's own features at strides 8 and 4, computed once a crop, or with
+MaisConfig.high_res_prompts finished every step from the crop's cells and the step's clicks and previous mask
+drawn at 32^3 (lib.model.high_res_features). With both off (and memory "none") the network is SAM-Med3D's.
 
 Memory modes (MaisConfig.memory_mode): "none" is exactly SAM-Med3D (the prompt encoder and mask decoder of
 medim on the image embedding, memory ignored), "sparse" / "dense" / "both" add the memory attention's dense term
@@ -117,11 +117,15 @@ class Mais(nn.Module):
         """volume [B, 1, S, S, S] (S = 128, normalised as SAM-Med3D expects) -> embedding [B, E, S/16, S/16, S/16]."""
         return self.image_encoder(volume)
 
-    def high_res_features(self, volume: Tensor) -> Tensor | None:
-        """The high-resolution cells of volume [B, 1, S, S, S] ([B, 16, S/4, S/4, S/4]) that `predict` finishes
-        into the decoder's features each step; None for a model without them. Like the embedding, a function of
-        the crop alone."""
-        return None if self.high_res is None else self.high_res.image_cells(volume)
+    def high_res_features(self, volume: Tensor) -> HighResFeatureMaps | Tensor | None:
+        """What the crop volume [B, 1, S, S, S] gives the decoder's high-resolution features, once a crop like the
+        embedding: the features themselves (stride 8 [B, 96, S/8, ...], stride 4 [B, 48, S/4, ...]), or for a
+        model with high_res_prompts the cells [B, 16, S/4, S/4, S/4] that `predict` finishes with each step's
+        prompt; None for a model without them."""
+        if self.high_res is None:
+            return None
+        cells = self.high_res.image_cells(volume)
+        return cells if self.config.high_res_prompts else self.high_res(cells)
 
     def new_memory(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> MemoryBank:
         """Empty memory bank for `batch_size` sessions side by side.
@@ -142,7 +146,7 @@ class Mais(nn.Module):
         point_labels: Tensor,
         prev_low_res_logits: Tensor | None = None,
         memory: MemoryBank | None = None,
-        high_res: Tensor | None = None,
+        high_res: HighResFeatureMaps | Tensor | None = None,
     ) -> MaisOutput:
         """One interaction: prompt encoder, memory attention, mask decoder (no upsampling, no memory update).
 
@@ -152,8 +156,8 @@ class Mais(nn.Module):
         point_labels [B, P] int: 1 positive, 0 negative, -1 padding (rows of a batch with fewer clicks).
         prev_low_res_logits [B, 1, 32, 32, 32] logits of the previous step, or None (first step).
         memory: the session's MemoryBank (batch size B), or None for an empty one; read only.
-        high_res: `high_res_features` of the crops, for (and only for) a model with them: finished here into the
-            decoder's stride-8 and stride-4 features, with this step's prompt drawn in for high_res_prompts.
+        high_res: `high_res_features` of the crops, for (and only for) a model with them (with high_res_prompts:
+            cells, finished here with this step's prompt drawn in).
         """
         B = image_embeddings.shape[0]
         if point_coords.shape[:2] != point_labels.shape or point_coords.shape[0] != B or point_coords.shape[-1] != 3:
@@ -190,16 +194,19 @@ class Mais(nn.Module):
         return MaisOutput(low_res_logits, entry, attention)
 
     def _finish_high_res(
-        self, cells: Tensor | None, point_coords: Tensor, point_labels: Tensor, prev_low_res_logits: Tensor | None
+        self,
+        high_res: HighResFeatureMaps | Tensor | None,
+        point_coords: Tensor,
+        point_labels: Tensor,
+        prev_low_res_logits: Tensor | None,
     ) -> HighResFeatureMaps | None:
-        """The decoder's high-resolution features of this step from the crops' cells (None without them)."""
-        if cells is None:
-            return None
-        prompt = None
-        if self.config.high_res_prompts:
-            size = cells.shape[-1]
-            prompt = prompt_maps(point_coords, point_labels, prev_low_res_logits, size, self.img_size).to(cells.dtype)
-        return self.high_res(cells, prompt)
+        """This step's high-resolution features: `high_res_features` as they are, or its cells finished with the
+        step's prompt for a model with high_res_prompts."""
+        if not self.config.high_res_prompts:
+            return high_res
+        size = high_res.shape[-1]
+        prompt = prompt_maps(point_coords, point_labels, prev_low_res_logits, size, self.img_size)
+        return self.high_res(high_res, prompt.to(high_res.dtype))
 
     def forward(self, *args, **kwargs) -> MaisOutput:
         """Same as `predict` (so that module hooks and wrappers such as DDP see the trainable path)."""

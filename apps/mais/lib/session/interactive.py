@@ -273,8 +273,8 @@ class InteractiveSession:
 
     def nbytes_by_part(self) -> dict[str, int]:
         """`nbytes` by what holds it: the image in model space, the logits, the mask, and the windows' volumes,
-        embeddings (with their high-resolution cells, for a model with them), memories and last low-res logits
-        (summed over the windows)."""
+        embeddings (with their high-resolution features or cells, for a model with them), memories and last
+        low-res logits (summed over the windows)."""
         windows = self.windows
         return {
             "image": self.image.nbytes,
@@ -289,5 +289,8 @@ class InteractiveSession:
         }
 
 
-def _tensor_bytes(tensor: Tensor | None) -> int:
-    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+def _tensor_bytes(tensors: Tensor | tuple[Tensor, ...] | None) -> int:
+    """Bytes of a tensor, of a tuple of them (a window's high-resolution features), 0 for None."""
+    if isinstance(tensors, tuple):
+        return sum(map(_tensor_bytes, tensors))
+    return 0 if tensors is None else tensors.numel() * tensors.element_size()

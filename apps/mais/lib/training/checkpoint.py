@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lib.atomic_file import atomic_torch_save
+from lib.model.config import MaisConfig
 from lib.model.mais import Mais
 from lib.model.weights import save_mais
 from lib.training.config import FitConfig
@@ -54,17 +55,22 @@ def load_checkpoint(
     path: Path, model: Mais, optimiser: torch.optim.Optimizer, rng: np.random.Generator, generator: torch.Generator
 ) -> int:
     """Restore a training state written by `save_checkpoint` into the freshly built objects; returns the step
-    reached. The state holds only tensors and plain values, so torch reads it without unpickling objects."""
+    reached. The state holds only tensors and plain values, so torch reads it without unpickling objects. The
+    learning-rate scales of the optimiser's groups stay this run's (`make_optimiser`), not the saved ones."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"--resume {path}: not a training state written by lib.training.fit")
-    if state["mais_config"] != model.config.to_dict():
+    # through MaisConfig, so that a state written before a config field existed reads as its default
+    if MaisConfig.from_dict(state["mais_config"]).to_dict() != model.config.to_dict():
         raise ValueError(
             f"--resume {path}: trained {state['mais_config']['name']} / memory "
             f"{state['mais_config']['memory_mode']}, this run builds another model"
         )
     model.load_state_dict(state["model_state_dict"])
-    optimiser.load_state_dict(state["optimiser"])
+    scales = [group["lr_scale"] for group in optimiser.param_groups]
+    optimiser.load_state_dict(state["optimiser"])  # which sets every group's settings to the saved ones
+    for group, scale in zip(optimiser.param_groups, scales):
+        group["lr_scale"] = scale
     rng.bit_generator.state = state["numpy_rng"]
     generator.set_state(state["torch_generator"])
     torch.set_rng_state(state["torch_rng"])

@@ -22,7 +22,8 @@ def make_optimiser(model: Mais, config: FitConfig) -> tuple[torch.optim.Optimize
     projections averaged |w| 0.004, and the held-out Dice had not moved: benchmarks/results/generalist/README.md).
     AdamW moves a weight by about the learning rate a step, whatever its gradient's size, so a part that starts at
     zero needs a larger one to matter within a run."""
-    # one group a part, whatever the scales, so that a run resumed with other scales finds the groups it saved
+    # one group a part whatever the scales, so that a run resumed with other scales finds the groups it saved
+    # (and keeps its own scales: lib.training.checkpoint.load_checkpoint)
     parts = {"memory_attention": config.memory_lr_scale, "high_res": config.high_res_lr_scale}
     part_of = {}
     for part in parts:
