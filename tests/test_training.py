@@ -158,29 +158,19 @@ def test_learning_rate_warms_up_then_decays_over_steps_or_time_budget_whichever_
     assert unbudgeted.apply(1000, elapsed_s=0.0) == pytest.approx(1e-4)
 
 
-def test_the_memory_attention_learns_at_its_own_scale_of_the_learning_rate():
-    model = tiny_model()
-    optimiser, schedule = make_optimiser(model, FitConfig(lr=1e-3, steps=100, warmup_steps=1, memory_lr_scale=10))
-    assert schedule.apply(0, elapsed_s=0.0) == pytest.approx(1e-3)
-    memory = {id(p) for p in model.memory_attention.parameters()}
-    rates = {id(p): group["lr"] for group in optimiser.param_groups for p in group["params"]}
-    assert memory and all(rates[i] == pytest.approx(1e-2) for i in memory)
-    assert all(rate == pytest.approx(1e-3) for i, rate in rates.items() if i not in memory)
-    assert len(rates) == sum(p.requires_grad for p in model.parameters())  # every trainable weight, once
-
-
-def test_the_high_res_features_learn_at_their_own_scale_of_the_learning_rate():
-    model = tiny_model(high_res_features=True)
+@pytest.mark.parametrize("high_res_features", [False, True])
+def test_the_parts_that_start_at_zero_learn_at_their_own_scale_of_the_learning_rate(high_res_features):
+    model = tiny_model(high_res_features=high_res_features)
     config = FitConfig(lr=1e-3, steps=100, warmup_steps=1, memory_lr_scale=10, high_res_lr_scale=30)
     optimiser, schedule = make_optimiser(model, config)
-    schedule.apply(0, elapsed_s=0.0)
+    assert schedule.apply(0, elapsed_s=0.0) == pytest.approx(1e-3)
     rates = {id(p): group["lr"] for group in optimiser.param_groups for p in group["params"]}
-    high_res = {id(p) for p in model.high_res.parameters()}
     memory = {id(p) for p in model.memory_attention.parameters()}
-    assert high_res and all(rates[i] == pytest.approx(3e-2) for i in high_res)
-    assert all(rates[i] == pytest.approx(1e-2) for i in memory)
+    high_res = {id(p) for p in model.high_res.parameters()} if high_res_features else set()
+    assert memory and all(rates[i] == pytest.approx(1e-2) for i in memory)
+    assert bool(high_res) == high_res_features and all(rates[i] == pytest.approx(3e-2) for i in high_res)
     assert all(rate == pytest.approx(1e-3) for i, rate in rates.items() if i not in memory | high_res)
-    assert len(rates) == sum(p.requires_grad for p in model.parameters())
+    assert len(rates) == sum(p.requires_grad for p in model.parameters())  # every trainable weight, once
 
 
 def test_a_run_resumed_with_other_learning_rate_scales_takes_its_own(tmp_path):
