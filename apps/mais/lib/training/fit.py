@@ -24,6 +24,7 @@ import types
 from collections.abc import Sequence
 from typing import Literal, Union, get_args, get_origin
 
+import torch
 from pydantic import ValidationError
 
 from lib.training.config import FitConfig
@@ -91,8 +92,12 @@ def main(argv: Sequence[str] | None = None) -> FitResult:
     result = fit_distributed(config, gpus) if gpus > 1 else fit(config)
     status = "finished" if result.finished else "stopped by the time budget"
     dice = result.last_log.dice_at_click if result.last_log else {}
+    # one GPU trains in this process; several train in their own processes, whose peaks this one cannot see
+    peak = ""
+    if torch.cuda.is_initialized():
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
     print(
-        f"{status} at step {result.steps_done}/{config.steps}: {result.samples_per_s:.2f} samples/s, "
+        f"{status} at step {result.steps_done}/{config.steps}: {result.samples_per_s:.2f} samples/s{peak}, "
         f"train Dice {dice}; weights {result.weights_path}, state {result.state_path}"
     )
     return result
