@@ -12,7 +12,7 @@ import torch
 
 from clicking import BRAIN1_LESION_MIN_DICE
 from lib.activelearning.disagreement import ProbeConfig, image_disagreement
-from lib.evaluation import evaluate, plot
+from lib.evaluation import compare, evaluate, plot
 from lib.evaluation.interactive import StructureResult, evaluate_structure
 from lib.imaging import ModelSpaceImage, load_volume, normalise_intensity
 from lib.model.weights import load_mais
@@ -106,6 +106,31 @@ def test_plot_averages_the_chosen_structures_and_prints_their_table(tmp_path, ca
         plot.main([str(out / "summary.json"), str(out / "summary.json"), str(tmp_path / "twice.png")])
     with pytest.raises(ValueError, match="no curve"):
         plot.main([str(out / "summary.json"), str(tmp_path / "x.png"), "--structures", "breast1:amygdala"])
+
+
+def test_compare_pairs_two_models_structure_by_structure(tmp_path, capsys):
+    """The paired comparison the generalist README reads a gain by: the mean difference per structure at a
+    click, how many structures gained, and the share of clicks after which Dice fell."""
+    out = tmp_path / "eval"
+    evaluate.main(
+        [
+            "--studies", str(SAMPLE_DATA), "--images", "brain1,breast1", "--structures", "lesion",
+            "--extra", BREAST1, "--weights", str(WEIGHTS), "region_growing", "--clicks", "3", "--out", str(out),
+        ]
+    )  # fmt: skip
+    models = json.loads((out / "summary.json").read_text())["models"]
+    model, reference = (models[name]["center"]["structures"] for name in ("mais_light", "region_growing"))
+    capsys.readouterr()
+    compare.main([str(out / "summary.json"), "--reference", "region_growing"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| mais_light"))
+    click_3 = row.split(" | ")[2]  # the columns: model, Dice@1, Dice@3, clicks after which Dice fell
+    differences = [model[s][2] - reference[s][2] for s in model]
+    assert click_3.startswith(f"{np.mean(differences):+.3f} ± {np.std(differences, ddof=1) / np.sqrt(2):.3f}")
+    assert click_3.endswith(f"({sum(d > 0 for d in differences)}/2 better)")
+    falls = [after < before for curve in model.values() for before, after in zip(curve, curve[1:])]
+    assert row.split(" | ")[3] == f"{np.mean(falls):.0%} |"
+    with pytest.raises(SystemExit):
+        compare.main([str(out / "summary.json"), "--reference", "run14"])
 
 
 def test_held_out_synthetic_cases_are_evaluated_as_the_training_loop_saw_them(tmp_path):

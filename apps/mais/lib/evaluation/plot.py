@@ -65,7 +65,8 @@ def merge(summaries: list[dict]) -> dict:
 
 
 def restrict(summary: dict, structures: list[str]) -> dict:
-    """The summary with every mean Dice curve recomputed over `structures` ("case:structure" keys) only."""
+    """The summary of `structures` ("case:structure" keys) only: their curves, and every mean Dice curve
+    recomputed over them."""
     models = {}
     for model, rules in summary["models"].items():
         models[model] = {}
@@ -73,10 +74,10 @@ def restrict(summary: dict, structures: list[str]) -> dict:
             missing = sorted(set(structures) - set(s["structures"]))
             if missing:
                 raise ValueError(f"{model} ({rule}) has no curve for {missing}; it has {sorted(s['structures'])}")
-            curves = [s["structures"][name] for name in structures]
-            mean = [sum(column) / len(curves) for column in zip(*curves)]
+            chosen = {name: s["structures"][name] for name in structures}
+            mean = [sum(column) / len(chosen) for column in zip(*chosen.values())]
             # NoC and seconds per click describe every structure: not carried over
-            models[model][rule] = {"structures": s["structures"], "mean_dice_per_click": mean}
+            models[model][rule] = {"structures": chosen, "mean_dice_per_click": mean}
     cases = {}
     for name in structures:
         case, _, structure = name.partition(":")
