@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lib.model.average_weights import main as average_weights
 from lib.model.builder import build_mais
 from lib.model.config import MaisConfig
 from lib.model.import_sam_med3d import load_sam_med3d_checkpoint
@@ -146,6 +147,33 @@ def test_mais_file_errors_are_clear(tmp_path):
     torch.save(payload, path)
     with pytest.raises(WeightsError, match=rf"key '{key}' has shape \(3, 64\), the model expects \(5, 64\)"):
         load_mais(path)
+
+
+def test_average_command_writes_the_mean_of_one_networks_weights(tmp_path):
+    """A weight soup of checkpoints (lib.model.average_weights): each weight the mean of the files', the
+    network and the first file's metadata kept; files of another network are refused."""
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = build_mais(MaisConfig.light(memory_size=4))
+        with torch.no_grad():
+            model.memory_attention.out_proj.weight.normal_()
+        paths.append(save_mais(model, tmp_path / f"run{seed}.pt", metadata={"seed": seed}))
+    average_weights([str(tmp_path / "mean.pt"), *map(str, paths)])
+
+    mean = load_mais(tmp_path / "mean.pt")
+    runs = [load_mais(path).state_dict() for path in paths]
+    key = "memory_attention.out_proj.weight"
+    assert not torch.equal(runs[0][key], runs[1][key])
+    torch.testing.assert_close(mean.state_dict()[key], sum(run[key] for run in runs) / 3)
+    metadata = torch.load(tmp_path / "mean.pt", weights_only=True)["metadata"]
+    assert metadata == {"seed": 0, "averaged_from": ["run0.pt", "run1.pt", "run2.pt"]}
+    other = save_mais(build_mais(MaisConfig.light(memory_size=8)), tmp_path / "other.pt")
+    with pytest.raises(SystemExit):
+        average_weights([str(tmp_path / "x.pt"), str(paths[0]), str(other)])
+    with pytest.raises(SystemExit):
+        average_weights([str(tmp_path / "x.pt"), str(paths[0])])
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_import_command_turns_an_official_checkpoint_into_a_served_weights_file(tmp_path):
