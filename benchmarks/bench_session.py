@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 from bench_server import CASES, summary
-from common import REPO_ROOT, model_benchmark_parser
+from common import REPO_ROOT, model_benchmark_parser, print_profile, profiler_activities
 
 from lib.clicks.simulator import first_click, next_click
 from lib.configs.labels import SAMPLE_LABELS
@@ -114,15 +114,14 @@ def compare_eager(image: ModelSpaceImage, gt: np.ndarray, model, clicks: int) ->
 def profile_later_clicks(image: ModelSpaceImage, gt: np.ndarray, model, clicks: int, sync, rows: int) -> None:
     """One session's clicks 2..K under torch.profiler: the operators' own host and GPU time, and the share of the
     clicks' wall time the GPU was busy."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     rng = np.random.default_rng(1)
     session = InteractiveSession(image, model)
     session.add_click(first_click(gt, rng))
     sync()
     wall_s = 0.0  # of the clicks alone: placing the next one (distance transforms) is no part of a click
-    with profile(activities=activities, record_shapes=True) as profiler:
+    with profile(activities=profiler_activities(), record_shapes=True) as profiler:
         for _ in range(clicks - 1):
             click = next_click(gt, session.mask, rng)
             if click is None:
@@ -131,11 +130,7 @@ def profile_later_clicks(image: ModelSpaceImage, gt: np.ndarray, model, clicks: 
             session.add_click(click)
             sync()
             wall_s += time.perf_counter() - started
-    events = profiler.key_averages(group_by_input_shape=True)  # one row per operator and input shapes
-    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
-    print(f"\nprofile of {clicks - 1} later clicks: wall {wall_s * 1e3:.1f} ms, GPU busy {device_us / 1e3:.1f} ms")
-    sort = "self_cuda_time_total" if ProfilerActivity.CUDA in activities else "self_cpu_time_total"
-    print(events.table(sort_by=sort, row_limit=rows))
+    print_profile(profiler, f"{clicks - 1} later clicks", wall_s, rows)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,23 @@ a warm-up and is timed with the device synchronised (median), so the figures add
 
     python benchmarks/bench_training_step.py --device cuda --training-cache data-cache/training_cache.npz \
         --batch-size 96 160
+
+`--profile N` then runs `--repeats` whole steps (a synthesised batch, K clicks, backward, AdamW) at the last batch
+size under torch.profiler and prints the N operators that take the most GPU time, after the steps' wall time and
+the GPU's busy time: what a step waits for when the GPU idles (session 12: a third of the time at batch 128 and
+192 alike, benchmarks/results/generalist/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import model_benchmark_parser, timed
+from common import model_benchmark_parser, print_profile, profiler_activities, timed
 
 from lib.clicks.simulator import ClickConfig, sample_clicks
 from lib.devices import resolve_device
@@ -28,6 +34,9 @@ from lib.training.interaction_loop import TRAINING_CLICK_MIXES, InteractionConfi
 from lib.training.synthesis import Synthesiser, TrainingCache
 from lib.training.synthetic import SyntheticConfig, synthetic_sample
 
+# The two parts of a whole step, as the profile labels them.
+STEP_PARTS = ("synthesis", "interaction, backward, AdamW")
+
 
 def main() -> None:
     parser = model_benchmark_parser(__doc__, device="auto")
@@ -35,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[24], help="one or more batch sizes to time")
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile whole steps: N operators")
     parser.add_argument(
         "--refinement",
         action=argparse.BooleanOptionalAction,
@@ -51,7 +61,9 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True  # as a --no-deterministic run
     model = build_model(FitConfig(init=args.weights, refinement=args.refinement, freeze_encoder=False), device)
     for batch_size in args.batch_size:
-        time_step(model, synthesiser, generator, batch_size, args.clicks, args.repeats, device)
+        step = time_step(model, synthesiser, generator, batch_size, args.clicks, args.repeats, device)
+    if args.profile:
+        profile_steps(step, args.repeats, device, args.profile)
 
 
 def time_step(
@@ -62,8 +74,9 @@ def time_step(
     clicks: int,
     repeats: int,
     device: torch.device,
-) -> None:
-    """Print the parts of one training step at batch size B, the samples/s they add up to and the peak memory."""
+) -> Callable[[], None]:
+    """Print the parts of one training step at batch size B, the samples/s they add up to and the peak memory;
+    return the whole step (a fresh synthesised batch, then the interaction, backward and AdamW)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     images, targets, _ = synthesiser.next_batch(B)
@@ -107,6 +120,35 @@ def time_step(
         f"(step alone){peak}",
         flush=True,
     )
+
+    def whole_step():
+        nonlocal images, targets  # what forward() trains on
+        with torch.profiler.record_function(STEP_PARTS[0]):
+            images, targets, _ = synthesiser.next_batch(B)
+        with torch.profiler.record_function(STEP_PARTS[1]):
+            step()
+
+    return whole_step
+
+
+def profile_steps(step: Callable[[], None], repeats: int, device: torch.device, rows: int) -> None:
+    """`repeats` whole steps under torch.profiler, after one unprofiled warm-up step."""
+    from torch.profiler import profile
+
+    step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    with profile(activities=profiler_activities()) as profiler:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        sync()
+        wall_s = time.perf_counter() - started
+    print_profile(profiler, f"{repeats} training steps", wall_s, rows)
+    for part in profiler.key_averages():
+        if part.key in STEP_PARTS:  # host time includes waiting for the GPU where the host synchronises
+            host_ms, device_ms = part.cpu_time_total / 1e3, part.device_time_total / 1e3
+            print(f"{part.key:<30} host {host_ms:9.1f} ms, GPU {device_ms:9.1f} ms")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What the benchmarks share: the app's code on the import path, the repository's paths, the options every
-benchmark of the model takes, and timing with the device synchronised."""
+benchmark of the model takes, timing with the device synchronised, and torch.profiler's tables."""
 
 from __future__ import annotations
 
@@ -41,3 +41,21 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def profiler_activities() -> list:
+    """What torch.profiler records here: the host's operators, and the GPU's kernels where there is one."""
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+
+def print_profile(profiler, what: str, wall_s: float, rows: int) -> None:
+    """The operators of a finished torch.profiler run by their own GPU time (host time without a GPU), one row
+    per operator and input shapes, after the wall time and the time the GPU was busy: their difference is the
+    time it waited for the host."""
+    events = profiler.key_averages(group_by_input_shape=True)
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    print(f"\nprofile of {what}: wall {wall_s * 1e3:.1f} ms, GPU busy {device_us / 1e3:.1f} ms")
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(events.table(sort_by=sort, row_limit=rows))
