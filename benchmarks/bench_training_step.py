@@ -7,6 +7,9 @@ a warm-up and is timed with the device synchronised (median), so the figures add
 
     python benchmarks/bench_training_step.py --device cuda --training-cache data-cache/training_cache.npz \
         --batch-size 96 160
+    # as runs 16-23 train (no refinement head, the loss at the clicks), and where the last batch's step goes:
+    python benchmarks/bench_training_step.py --device cuda --training-cache data-cache/training_cache.npz \
+        --no-refinement --click-loss-weight 1.0 --batch-size 128 --profile 40
 
 `--profile N` then runs `--repeats` whole steps (a synthesised batch, K clicks, backward, AdamW) at the last batch
 size under torch.profiler and prints the N operators that take the most GPU time, after the steps' wall time and
@@ -44,6 +47,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[24], help="one or more batch sizes to time")
     parser.add_argument("--clicks", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--click-loss-weight", type=float, default=0.0, help="the cross-entropy at the clicks (runs 16-23: 1.0)"
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile whole steps: N operators")
     parser.add_argument(
         "--refinement",
@@ -61,7 +67,9 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True  # as a --no-deterministic run
     model = build_model(FitConfig(init=args.weights, refinement=args.refinement, freeze_encoder=False), device)
     for batch_size in args.batch_size:
-        step = time_step(model, synthesiser, generator, batch_size, args.clicks, args.repeats, device)
+        step = time_step(
+            model, synthesiser, generator, batch_size, args.clicks, args.click_loss_weight, args.repeats, device
+        )
     if args.profile:
         profile_steps(step, args.repeats, device, args.profile)
 
@@ -72,6 +80,7 @@ def time_step(
     generator: torch.Generator,
     B: int,
     clicks: int,
+    click_weight: float,
     repeats: int,
     device: torch.device,
 ) -> Callable[[], None]:
@@ -95,7 +104,9 @@ def time_step(
         )
 
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    interaction = InteractionConfig(num_clicks=clicks, clicks=TRAINING_CLICK_MIXES["mixed"], ce_weight=1.0)
+    interaction = InteractionConfig(
+        num_clicks=clicks, clicks=TRAINING_CLICK_MIXES["mixed"], ce_weight=1.0, click_weight=click_weight
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def forward():
