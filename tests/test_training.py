@@ -13,7 +13,7 @@ import torch
 from lib.model.builder import build_mais
 from lib.model.config import EncoderConfig, MaisConfig
 from lib.model.weights import load_mais, save_mais
-from lib.training.checkpoint import load_checkpoint, save_checkpoint
+from lib.training.checkpoint import RandomStreams, load_checkpoint, save_checkpoint
 from lib.training.config import FitConfig
 from lib.training.data_sources import load_training_pairs, save_training_pair
 from lib.training.distributed import fit_distributed
@@ -177,7 +177,9 @@ def test_a_run_resumed_with_other_learning_rate_scales_takes_its_own(tmp_path):
     model = tiny_model(high_res_features=True)
     saved = FitConfig(out=tmp_path / "run.pt", lr=1e-3, steps=100, memory_lr_scale=10, high_res_lr_scale=30)
     optimiser, _ = make_optimiser(model, saved)
-    save_checkpoint(model, optimiser, np.random.default_rng(0), torch.Generator(), 5, saved, None)
+    save_checkpoint(
+        model, optimiser, RandomStreams.capture(np.random.default_rng(0), torch.Generator()), 5, saved, None
+    )
     # a state written before a config field existed still resumes (the field reads as its default)
     state = torch.load(saved.state_path, weights_only=True)
     del state["mais_config"]["high_res_prompts"]

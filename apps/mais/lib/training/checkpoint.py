@@ -4,8 +4,11 @@ stopped."""
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,11 +25,25 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = "mais-training-state"
 
 
+@dataclass(frozen=True)
+class RandomStreams:
+    """The run's random streams at one moment: numpy's (batch mix, clicks), the batch source's torch generator and
+    torch's global one. Captured when a step ends, before the next batch is drawn, so that a run resumed from
+    that step draws the batch the uninterrupted run drew."""
+
+    numpy_state: dict[str, Any]
+    generator_state: torch.Tensor
+    torch_state: torch.Tensor
+
+    @classmethod
+    def capture(cls, rng: np.random.Generator, generator: torch.Generator) -> RandomStreams:
+        return cls(copy.deepcopy(rng.bit_generator.state), generator.get_state(), torch.get_rng_state())
+
+
 def save_checkpoint(
     model: Mais,
     optimiser: torch.optim.Optimizer,
-    rng: np.random.Generator,
-    generator: torch.Generator,
+    streams: RandomStreams,
     step: int,
     config: FitConfig,
     last_log: TrainingLog | None,
@@ -44,9 +61,9 @@ def save_checkpoint(
         "mais_config": model.config.to_dict(),
         "model_state_dict": model.state_dict(),
         "optimiser": optimiser.state_dict(),
-        "numpy_rng": rng.bit_generator.state,
-        "torch_generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": streams.numpy_state,
+        "torch_generator": streams.generator_state,
+        "torch_rng": streams.torch_state,
     }
     atomic_torch_save(state, config.state_path)
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from lib.devices import resolve_device
 from lib.model.mais import Mais
-from lib.training.checkpoint import load_checkpoint, save_checkpoint
+from lib.training.checkpoint import RandomStreams, load_checkpoint, save_checkpoint
 from lib.training.config import FitConfig
 from lib.training.data_sources import BatchSource, EmbeddingCache, Target, load_training_pairs
 from lib.training.initial_model import build_model
@@ -165,15 +165,20 @@ def fit(
     loop_started, samples, slowest_step_s, last_log = time.monotonic(), 0, 0.0, None
     budget_used_s = time.monotonic() - fit_started
     try:
+        batch = source.next_batch(rng)
         while step < config.steps:
             step_started = time.monotonic()
             lr = schedule.apply(step, budget_used_s)
-            keys, images, masks = source.next_batch(rng)
+            keys, images, masks = batch
             with autocast:
                 loss, dice_per_click = interaction_step(keys, images, masks, rng)
             optimise(loss, optimiser, config.max_grad_norm)
             step += 1
             samples += len(keys) * world_size
+            streams = RandomStreams.capture(rng, source.generator)  # what this step's checkpoint resumes from
+            # the next batch is drawn while the GPU still runs this step: the loss's value below waits for it, and
+            # drawing after that wait left the GPU idle for the whole synthesis (a third of a step, session 12)
+            batch = source.next_batch(rng) if step < config.steps else None
             window.append((loss.item(), dice_per_click.cpu()))
             slowest_step_s = max(slowest_step_s, time.monotonic() - step_started)
 
@@ -192,7 +197,7 @@ def fit(
             ):
                 validation.run(step)
             if is_main and (step % config.checkpoint_every == 0 or step == config.steps or out_of_time):
-                save_checkpoint(model, optimiser, rng, source.generator, step, config, last_log)
+                save_checkpoint(model, optimiser, streams, step, config, last_log)
             if out_of_time:
                 logger.info(
                     "time budget %.0f s reached after step %d; resume with --resume %s",
