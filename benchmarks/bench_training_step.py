@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,6 +90,10 @@ def time_step(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     images, targets, _ = synthesiser.next_batch(B)
+    if device.type == "cuda":
+        print(
+            f"synthesis, batch {B}: {synchronisations(lambda: synthesiser.next_batch(B))} host-device synchronisations"
+        )
     figures = {
         f"synthesis from the cache, batch {B}": timed(lambda: synthesiser.next_batch(B), device, repeats),
         f"synthetic shapes, {B} volumes": timed(
@@ -140,6 +145,18 @@ def time_step(
             step()
 
     return whole_step
+
+
+def synchronisations(fn: Callable[[], object]) -> int:
+    """How many times fn() made the host wait for the GPU (CUDA's synchronisation debug mode warns at each)."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def profile_steps(step: Callable[[], None], repeats: int, device: torch.device, rows: int) -> None:

@@ -13,8 +13,10 @@ from lib.imaging import (
     FINE_SPACING_MM,
     MAX_MODEL_VOXELS,
     MODEL_SPACING_MM,
+    IntensityNormalisation,
     ModelSpaceImage,
     load_volume,
+    normalise_batch,
 )
 from server import SAMPLE_DATA
 
@@ -127,3 +129,23 @@ def test_a_mask_goes_back_to_an_oblique_grid_as_monai_would_resample_it():
     )
     assert expected.sum() > 1000 and (~expected).sum() > 1000
     assert (mask != expected).sum() <= expected.sum() * 1e-4, ((mask != expected).sum(), expected.sum())
+
+
+def test_a_batch_is_normalised_as_each_image_alone_inside_its_field_of_view():
+    """normalise_batch (the training synthesis's, without boolean indexing) gives what IntensityNormalisation of
+    each image's field of view gives, the outside padded with the normalised minimum as a crop is: for an MR
+    image, a CT image (clamped), an image with almost no voxel above its mean (the fallback to every voxel) and
+    one seen whole."""
+    generator = torch.Generator().manual_seed(0)
+    volumes = torch.rand((4, 1, 12, 12, 12), generator=generator) * 300
+    volumes[1] = volumes[1] * 10 - 2000  # CT-like: air below -500 HU, bone above 1000 HU
+    volumes[2] = 5.0
+    volumes[2, 0, 0, 0, 0] = 9.0  # one voxel above the mean
+    inside = torch.zeros(volumes.shape, dtype=torch.bool)
+    inside[:3, :, 2:10, 1:11, 3:9] = True
+    inside[3] = True
+    batch = normalise_batch(volumes, inside)
+    for volume, fov, normalised in zip(volumes, inside, batch):
+        expected = IntensityNormalisation.of(volume[fov])(volume)
+        torch.testing.assert_close(normalised[fov], expected[fov], atol=1e-4, rtol=1e-4)
+        assert torch.all(normalised[~fov] == expected[fov].min())

@@ -23,6 +23,7 @@ from lib.training.synthesis import (
     TrainingCache,
     generation_classes,
     low_resolution,
+    quantile_edges,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,19 @@ def test_a_fixed_seed_gives_the_same_batch(cache):
     torch.testing.assert_close(first[0], second[0])
     assert torch.equal(first[1], second[1]) and first[2] == second[2]
     assert not torch.equal(first[0], other[0])
+
+
+def test_pseudo_object_levels_are_torch_quantiles_of_each_field_of_view():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn((3, 500), generator=generator)
+    inside = torch.rand((3, 500), generator=generator) < 0.6
+    levels = [3, 8, 5]
+    edges = quantile_edges(values, inside, levels)
+    assert edges.shape == (3, 7)
+    for row, count in enumerate(levels):
+        expected = torch.quantile(values[row][inside[row]], torch.arange(1, count) / count)
+        torch.testing.assert_close(edges[row, : count - 1], expected)
+        assert torch.all(edges[row, count - 1 :] == values[row][inside[row]].max())  # unused: nothing above
 
 
 def test_generation_classes_share_an_intensity_only_between_touching_labels():

@@ -118,6 +118,32 @@ def normalise_intensity(volume: Tensor) -> Tensor:
     return IntensityNormalisation.of(volume)(volume)
 
 
+def normalise_batch(volumes: Tensor, inside: Tensor) -> Tensor:
+    """volumes [N, ...] float each normalised as `IntensityNormalisation.of(volume[inside])` normalises it, and
+    filled outside its field of view (inside bool [N, ...], at least one voxel each) with its normalised minimum,
+    as `CropWindow.extract` pads a real image with `ModelSpaceImage.pad_value`. The same statistics as
+    `IntensityNormalisation`, with masked sums instead of boolean indexing, so that a GPU batch (the training's
+    synthesis) never waits for the host."""
+    values, fov = volumes.flatten(1), inside.flatten(1)
+    largest = torch.finfo(values.dtype).max
+    is_ct = torch.where(fov, values, largest).amin(1, keepdim=True) < CT_DETECTION_HU
+    values = torch.where(is_ct, values.clamp(*CT_CLAMP_HU), values)
+    mean = _masked_mean(values, fov)
+    foreground = fov & (values > mean)
+    foreground = torch.where(foreground.sum(1, keepdim=True) >= 2, foreground, fov)  # as `of` falls back
+    foreground_mean = _masked_mean(values, foreground)
+    squares = torch.where(foreground, (values - foreground_mean) ** 2, 0.0).sum(1, keepdim=True)
+    std = (squares / (foreground.sum(1, keepdim=True) - 1).clamp_min(1)).sqrt().clamp_min(1e-6)  # unbiased, as std()
+    normalised = (values - foreground_mean) / std
+    pad_value = torch.where(fov, normalised, largest).amin(1, keepdim=True)
+    return torch.where(fov, normalised, pad_value).view_as(volumes)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """The mean [N, 1] of values [N, V] where mask [N, V] is set."""
+    return torch.where(mask, values, 0.0).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
+
+
 def model_spacing_mm(original: MetaTensor) -> float:
     """The model space's voxel size for an image [1, I, J, K]: FINE_SPACING_MM for a small image, else
     DETAIL_SPACING_MM, coarser where the field of view would need more than MAX_MODEL_VOXELS, at most 1.5 mm."""

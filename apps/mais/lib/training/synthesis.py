@@ -15,8 +15,10 @@ A sample is one CROP_SIZE^3 crop of model space (0.375-1.5 mm voxels, as served)
   one); targets under `min_target_voxels` or filling almost the whole crop are drawn again.
 
 Randomness: one torch.Generator (the caller's, on the device) fixes every sample; scalar choices come from a host
-generator seeded once from it, so a batch needs a single host-device synchronisation (the target size check)
-plus the normalisation's.
+generator seeded once from it. A batch waits for the GPU once, at the target size check, after the drawing: host
+values reach the device through pinned memory without waiting (`_on_device`), and the normalisation and the
+pseudo-objects' quantiles are masked reductions, not boolean indexing. So the training loop can draw the next
+batch while the GPU still runs the step before.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
-from lib.imaging import CROP_SIZE, MODEL_SPACING_MM, IntensityNormalisation, normalise_intensity
+from lib.imaging import CROP_SIZE, MODEL_SPACING_MM, normalise_batch
 
 MODES = ("label_map", "real_pair", "pseudo_object")
 TARGET_KINDS = ("label", "union", "component")
@@ -287,8 +289,7 @@ class Synthesiser:
                 break
         else:
             raise RuntimeError(f"no valid target after {self.config.max_attempts} attempts for {len(pending)} samples")
-        for b in range(batch_size):
-            images[b] = _normalise_like_inference(images[b], inside[b])
+        images = normalise_batch(images, inside)  # as inference normalises a real image
         return (images, targets, names, labels) if return_labels else (images, targets, names)
 
     # ------------------------------------------------------------------------------------------ drawing
@@ -300,32 +301,43 @@ class Synthesiser:
         s = self.config.size
         components = torch.empty((count, s, s, s), dtype=torch.long, device=self.device)
         real = torch.zeros((count, 1, s, s, s), device=self.device)
+        placements = _on_device(
+            torch.tensor(
+                np.array([[*p.matrix.ravel(), *(p.centre - p.matrix @ p.offset), *p.volume.shape] for p in plans]),
+                dtype=torch.float32,
+            ),
+            self.device,
+        )  # [N, 15]: each plan's matrix, shift and source shape, in one copy
         for b, plan in enumerate(plans):
-            grid = self._grid(plan)
+            grid = self._grid(placements[b])
             components[b] = _resample(plan.volume.components[None, None].float(), grid, "nearest")[0, 0].round().long()
             if plan.volume.image is not None and plan.mode != "label_map":
                 # shifted by one so that the outside of the image (-1) is told from its dark voxels (0)
                 real[b, 0] = _resample(plan.volume.image[None, None].float() + 1, grid, "bilinear")[0, 0] - 1
         inside_image = real > -0.5
         real = real.clamp_min(0)
-        labels = torch.stack([p.volume.component_label[components[b]] for b, p in enumerate(plans)])  # [N, S^3]
+        labels = torch.stack([p.volume.component_label[components[b]] for b, p in enumerate(plans)])  # [N, S, S, S]
+        wanted = torch.zeros((count, MAX_LABELS), dtype=torch.bool)  # the target's labels, each plan's row
+        for b, plan in enumerate(plans):
+            wanted[b, list(plan.target_labels)] = True
+        wanted = _on_device(wanted, self.device)
         targets = torch.zeros((count, s, s, s), dtype=torch.bool, device=self.device)
         for b, plan in enumerate(plans):
             if plan.target_component:
                 targets[b] = components[b] == plan.target_component
             elif plan.target_labels:
-                wanted = torch.zeros(MAX_LABELS, dtype=torch.bool, device=self.device)
-                wanted[list(plan.target_labels)] = True
-                targets[b] = wanted[labels[b]]
+                targets[b] = wanted[b][labels[b]]
         images = self._intensities(plans, labels)[:, None]
-        is_real = [b for b, p in enumerate(plans) if p.mode != "label_map"]
-        if is_real:
-            images[is_real] = real[is_real]
+        is_real = _on_device(torch.tensor([p.mode != "label_map" for p in plans]), self.device)
+        images = torch.where(is_real.view(-1, 1, 1, 1, 1), real, images)
         pseudo = [b for b, p in enumerate(plans) if p.mode == "pseudo_object"]
         if pseudo:
-            regions = pseudo_object(real[pseudo], inside_image[pseudo], self.config, self.generator, self.host)
-            targets[pseudo] = regions[:, 0]
-            labels[pseudo] = 0
+            index = _on_device(torch.tensor(pseudo), self.device)
+            regions = pseudo_object(
+                real.index_select(0, index), inside_image.index_select(0, index), self.config, self.generator, self.host
+            )
+            targets.index_copy_(0, index, regions[:, 0])
+            labels.index_fill_(0, index, 0)
         images = self._acquisition(images, ct=[p.ct for p in plans])
         return images, targets[:, None], labels.to(torch.uint8)[:, None], inside_image, [p.name for p in plans]
 
@@ -390,12 +402,12 @@ class Synthesiser:
                 chosen.append(touching[int(torch.randint(len(touching), (), generator=host))])
         return tuple(chosen), 0
 
-    def _grid(self, plan: _Plan) -> Tensor:
+    def _grid(self, placement: Tensor) -> Tensor:
         """The sampling grid [1, S, S, S, 3] of grid_sample (x, y, z = last, middle, first source axis, in
-        [-1, 1], align_corners=True): affine, flip and deformation together."""
+        [-1, 1], align_corners=True): affine, flip and deformation together. placement [15] on the device: the
+        plan's matrix [3, 3] (output voxel step -> source voxel step), shift [3] and source shape [3]."""
         config = self.config
-        matrix = torch.tensor(plan.matrix, dtype=torch.float32, device=self.device)
-        shift = torch.tensor(plan.centre - plan.matrix @ plan.offset, dtype=torch.float32, device=self.device)
+        matrix, shift, shape = placement[:9].view(3, 3), placement[9:12], placement[12:]
         points = self.centred_grid @ matrix.T + shift  # [S^3, 3] source voxels
         std = _uniform(self.host, 0.0, config.deformation_std_max)
         if std > 0:
@@ -403,8 +415,7 @@ class Synthesiser:
             coarse = std * torch.randn((1, 3, cells, cells, cells), generator=self.generator, device=self.device)
             field = F.interpolate(coarse, size=(config.size,) * 3, mode="trilinear", align_corners=True)
             points = points + field[0].reshape(3, -1).T
-        extent = torch.tensor(plan.volume.shape, dtype=torch.float32, device=self.device) - 1
-        normalised = 2 * points / extent.clamp_min(1) - 1
+        normalised = 2 * points / (shape - 1).clamp_min(1) - 1
         return normalised.flip(-1).reshape(1, config.size, config.size, config.size, 3)
 
     def _intensities(self, plans: list[_Plan], labels: Tensor) -> Tensor:
@@ -419,8 +430,8 @@ class Synthesiser:
             if float(torch.rand((), generator=host)) < config.share_probability:
                 volume = plan.volume
                 classes[b] = generation_classes(volume.neighbours, volume.max_label, config.share_fraction, host)
-        means = means.gather(1, classes).to(self.device)
-        stds = stds.gather(1, classes).to(self.device)
+        means = _on_device(means.gather(1, classes), self.device)
+        stds = _on_device(stds.gather(1, classes), self.device)
         flat = labels.flatten(1)
         noise = torch.randn(flat.shape, generator=self.generator, device=self.device)
         values = means.gather(1, flat) + stds.gather(1, flat) * noise
@@ -435,25 +446,21 @@ class Synthesiser:
             if float(torch.rand((), generator=host)) < config.low_resolution_probability:
                 images[b] = low_resolution(images[b : b + 1], resolution_factors(host, config))[0]
         mr = [b for b, is_ct in enumerate(ct) if not is_ct]
+        mr_index = _on_device(torch.tensor(mr, dtype=torch.long), self.device)
         if mr:
-            images[mr] = images[mr].clamp_min(0) * bias_field(len(mr), config, host, generator, images.shape[-1])
+            biased = images.index_select(0, mr_index).clamp_min(0)
+            images = images.index_copy(
+                0, mr_index, biased * bias_field(len(mr), config, host, generator, images.shape[-1])
+            )
         ranges = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).clamp_min(1e-3)
-        stds = torch.tensor([_uniform(host, 0.0, config.noise_std_max) for _ in ct], device=self.device) * ranges
+        stds = _on_device(torch.tensor([_uniform(host, 0.0, config.noise_std_max) for _ in ct]), self.device) * ranges
         images = images + stds.view(-1, 1, 1, 1, 1) * torch.randn(images.shape, generator=generator, device=self.device)
         if mr:
             gammas = torch.tensor([math.exp(config.gamma_std * float(torch.randn((), generator=host))) for _ in mr])
-            images[mr] = gamma(images[mr], gammas.to(self.device))
+            images = images.index_copy(
+                0, mr_index, gamma(images.index_select(0, mr_index), _on_device(gammas, self.device))
+            )
         return images
-
-
-def _normalise_like_inference(image: Tensor, inside: Tensor) -> Tensor:
-    """image [1, S, S, S] normalised as lib.imaging does a real image: `normalise_intensity` of the image itself
-    (inside [1, S, S, S] bool, its field of view), and the window's outside filled with the image's minimum, as
-    `CropWindow.extract` pads with ModelSpaceImage.pad_value."""
-    if bool(inside.all()):
-        return normalise_intensity(image)
-    normalised = IntensityNormalisation.of(image[inside])(image)
-    return torch.where(inside, normalised, normalised[inside].min())
 
 
 def _has_target(volume: _GpuVolume) -> bool:
@@ -462,6 +469,15 @@ def _has_target(volume: _GpuVolume) -> bool:
 
 def _uniform(host: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=host))
+
+
+def _on_device(values: Tensor, device: torch.device) -> Tensor:
+    """A new host tensor copied to `device` without waiting for the GPU: a copy from pageable memory waits for
+    every kernel queued before it, one from pinned memory does not (the caching host allocator keeps the pinned
+    block until the copy is done)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def _random_component(volume: _GpuVolume, label: int, host: torch.Generator) -> int:
@@ -547,7 +563,7 @@ def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
     radius = max(1, math.ceil(3 * float(sigmas.max())))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernels = torch.exp(-0.5 * (offsets[None] / sigmas.clamp_min(1e-3)[:, None].float()) ** 2)
-    kernels = (kernels / kernels.sum(1, keepdim=True)).to(images.device)  # [N, 2r + 1]; sigma 0 -> a delta
+    kernels = _on_device(kernels / kernels.sum(1, keepdim=True), images.device)  # [N, 2r + 1]; sigma 0 -> a delta
     n = images.shape[0]
     out = images.reshape(1, n, *images.shape[2:])
     for axis in range(3):
@@ -587,7 +603,7 @@ def bias_field(
     count: int, config: SynthesisConfig, host: torch.Generator, generator: torch.Generator, size: int
 ) -> Tensor:
     """Multiplicative smooth fields [count, 1, size, size, size]: exp of a coarse Gaussian field, upsampled."""
-    stds = torch.tensor([_uniform(host, 0.0, config.bias_std_max) for _ in range(count)], device=generator.device)
+    stds = _on_device(torch.tensor([_uniform(host, 0.0, config.bias_std_max) for _ in range(count)]), generator.device)
     cells = config.bias_cells
     coarse = torch.randn((count, 1, cells, cells, cells), generator=generator, device=generator.device)
     coarse = coarse * stds.view(-1, 1, 1, 1, 1)
@@ -617,13 +633,11 @@ def pseudo_object(
     half = F.avg_pool3d(images, 2)  # [N, 1, S/2, ...]: smoothing and half the work
     half_inside = -F.max_pool3d(-inside.float(), 2) > 0  # all 8 voxels inside
     low, high = config.pseudo_levels_range
-    quantised = torch.full_like(half, -1, dtype=torch.long)  # -1 outside the field of view: never the seed's
-    for b in range(n):
-        count = int(torch.randint(low, high + 1, (), generator=host))
-        values = half[b][half_inside[b]]
-        values = values[:: max(1, values.numel() // 4096)] if values.numel() else half[b].flatten()
-        edges = torch.quantile(values, torch.linspace(0, 1, count + 1, device=images.device)[1:-1])
-        quantised[b] = torch.where(half_inside[b], torch.bucketize(half[b], edges), -1)
+    levels = [int(torch.randint(low, high + 1, (), generator=host)) for _ in range(n)]
+    edges = quantile_edges(half.flatten(1), half_inside.flatten(1), levels)  # [N, max(levels) - 1]
+    below = (half.flatten(1)[:, :, None] > edges[:, None, :]).sum(-1)  # torch.bucketize's index, per sample
+    # -1 outside the field of view: never the seed's
+    quantised = torch.where(half_inside, below.view_as(half), -1)
     centre = half.shape[-1] // 2
     spread = max(1, half.shape[-1] // 8)
     seeds = torch.randint(centre - spread, centre + spread, (n, 3), generator=generator, device=images.device)
@@ -636,3 +650,18 @@ def pseudo_object(
     for _ in range(config.pseudo_growth_steps):
         region = (F.max_pool3d(region.float(), 3, stride=1, padding=1) > 0) & same
     return F.interpolate(region.float(), size=(size,) * 3, mode="nearest") > 0
+
+
+def quantile_edges(values: Tensor, inside: Tensor, levels: list[int]) -> Tensor:
+    """The edges [N, max(levels) - 1] that cut each row of values [N, V] into levels[n] equally filled levels
+    over its voxels inside [N, V] (torch.quantile's linear interpolation at 1/levels, 2/levels, ...); a row's
+    unused edges are its maximum, above which nothing lies. Sorted rows and gathers, no boolean indexing."""
+    ordered = torch.where(inside, values, torch.inf).sort(1).values  # the voxels inside first, ascending
+    last = (inside.sum(1, keepdim=True) - 1).clamp_min(0)  # the index of each row's largest voxel inside
+    fractions = torch.ones(len(levels), max(levels) - 1)
+    for row, count in enumerate(levels):
+        fractions[row, : count - 1] = torch.arange(1, count) / count
+    position = _on_device(fractions, values.device) * last
+    lower = position.floor().long()
+    upper = torch.minimum(lower + 1, last)
+    return torch.lerp(ordered.gather(1, lower), ordered.gather(1, upper), position - lower)
