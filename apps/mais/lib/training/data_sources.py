@@ -89,16 +89,19 @@ class BatchSource:
         if self.training_cache is not None:
             from_cache = int((rng.random(batch_size) < self.config.cache_fraction).sum())
         keys, images, masks = [], [], []
-        for _ in range(batch_size - from_cache):
-            key, image, mask = self._sample(rng)
-            keys.append(key)
-            images.append(image.to(self.device, non_blocking=True))
-            masks.append(mask.to(self.device, non_blocking=True))
+        # the cache's samples first: their synthesis waits for the GPU only once, at its end, so the host draws
+        # them while the GPU still runs the step before (lib.training.loop); a synthetic shape drawn on the GPU
+        # waits several times (its target size, its normalisation)
         if from_cache:
             cache_images, cache_masks, _ = self.synthesiser.next_batch(from_cache)
             keys += [None] * from_cache  # fresh every step: nothing to cache
             images += list(cache_images)
             masks += list(cache_masks)
+        for _ in range(batch_size - from_cache):
+            key, image, mask = self._sample(rng)
+            keys.append(key)
+            images.append(image.to(self.device, non_blocking=True))
+            masks.append(mask.to(self.device, non_blocking=True))
         return keys, torch.stack(images), torch.stack(masks)
 
     @property
