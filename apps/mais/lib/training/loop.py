@@ -177,7 +177,8 @@ def fit(
             samples += len(keys) * world_size
             streams = RandomStreams.capture(rng, source.generator)  # what this step's checkpoint resumes from
             # the next batch is drawn while the GPU still runs this step: the loss's value below waits for it, and
-            # drawing after that wait left the GPU idle for the whole synthesis (a third of a step, session 12)
+            # drawing after that wait left the GPU idle through the whole synthesis (runs 22-23: idle a third of
+            # each step, at batch 128 and 192 alike)
             batch = source.next_batch(rng) if step < config.steps else None
             window.append((loss.item(), dice_per_click.cpu()))
             slowest_step_s = max(slowest_step_s, time.monotonic() - step_started)
