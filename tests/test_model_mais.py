@@ -10,6 +10,7 @@ from medim.models.sam_med3d import MaskDecoder3D, PromptEncoder3D
 
 from lib.model.builder import build_mais
 from lib.model.config import MaisConfig
+from lib.model.prompts import embed_prompts
 
 
 def make_model(mode: str = "both", memory_size: int = 60, seed: int = 0):
@@ -83,6 +84,20 @@ def test_mode_none_is_exactly_plain_sam_med3d(model, emb):
     assert torch.equal(out_no_prev.low_res_logits, expected_no_prev)
     assert out.attention is None and out.memory_entry.nbytes() == 0
     assert model.upsample_logits(out.low_res_logits).shape == (1, 1, 128, 128, 128)
+
+
+def test_prompts_are_embedded_as_medim_embeds_them_in_training_precision_too(model):
+    """embed_prompts (no boolean-mask writes, so no wait for the GPU) against medim's forward under bf16
+    autocast, as training runs it: the same values and dtypes, with and without a previous mask."""
+    coords, labels = clicks(batch_size=2, n=5, seed=3)
+    labels[0, 3] = -1
+    prev = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for masks in (prev, None):
+            expected = model.prompt_encoder(points=(coords, labels), boxes=None, masks=masks)
+            got = embed_prompts(model.prompt_encoder, coords, labels, masks)
+            for e, g in zip(expected, got):
+                assert e.dtype == g.dtype and torch.equal(e, g)
 
 
 def test_untrained_memory_attention_adds_nothing(emb):

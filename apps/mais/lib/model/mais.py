@@ -41,6 +41,7 @@ from .high_res_features import HighResFeatureMaps, HighResFeatures, prompt_maps
 from .image_encoder import ImageEncoder3D
 from .memory_attention import MemoryAttention, MemoryAttentionWeights
 from .memory_bank import MemoryBank, MemoryEntry
+from .prompts import embed_prompts
 from .refinement import MaskRefinement
 
 
@@ -172,9 +173,7 @@ class Mais(nn.Module):
                 f"this model {'needs' if self.config.high_res_features else 'has no'} high-resolution features "
                 f"(MaisConfig.high_res_features {self.config.high_res_features}); got {type(high_res).__name__}"
             )
-        sparse, dense = self.prompt_encoder(
-            points=(point_coords.float(), point_labels), boxes=None, masks=prev_low_res_logits
-        )
+        sparse, dense = embed_prompts(self.prompt_encoder, point_coords.float(), point_labels, prev_low_res_logits)
         image_pe = self.dense_pe()
         mode = self.memory_mode
         if mode == "none":
