@@ -295,8 +295,10 @@ def _sample_clicks_on_device(
         coords = torch.where((moves & has_shell)[:, None], shell_coords, coords)
     if noise.jitter_voxels:
         offset = torch.randn(coords.shape, generator=generator, device=gt.device) * noise.jitter_voxels
-        upper = torch.tensor(gt.shape[1:], device=gt.device) - 1
-        coords = torch.minimum((coords + offset.round().long()).clamp(min=0), upper)
+        moved = (coords + offset.round().long()).unbind(1)
+        # clamped axis by axis with the sizes as plain numbers: a tensor of them made here would be a copy to the
+        # device that waits for it
+        coords = torch.stack([axis.clamp(0, size - 1) for axis, size in zip(moved, gt.shape[1:])], dim=1)
 
     point_labels = torch.where(found, torch.where(is_positive, POSITIVE, NEGATIVE), PADDING)
     point_coords = torch.where(found[:, None], coords, 0).float()
