@@ -446,7 +446,7 @@ class Synthesiser:
             if float(torch.rand((), generator=host)) < config.low_resolution_probability:
                 images[b] = low_resolution(images[b : b + 1], resolution_factors(host, config))[0]
         mr = [b for b, is_ct in enumerate(ct) if not is_ct]
-        mr_index = _on_device(torch.tensor(mr, dtype=torch.long), self.device)
+        mr_index = _on_device(torch.tensor(mr), self.device) if mr else None
         if mr:
             biased = images.index_select(0, mr_index).clamp_min(0)
             images = images.index_copy(
