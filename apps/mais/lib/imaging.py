@@ -128,20 +128,16 @@ def normalise_batch(volumes: Tensor, inside: Tensor) -> Tensor:
     largest = torch.finfo(values.dtype).max
     is_ct = torch.where(fov, values, largest).amin(1, keepdim=True) < CT_DETECTION_HU
     values = torch.where(is_ct, values.clamp(*CT_CLAMP_HU), values)
-    mean = _masked_mean(values, fov)
-    foreground = fov & (values > mean)
-    foreground = torch.where(foreground.sum(1, keepdim=True) >= 2, foreground, fov)  # as `of` falls back
-    foreground_mean = _masked_mean(values, foreground)
+    mean = torch.where(fov, values, 0.0).sum(1, keepdim=True) / fov.sum(1, keepdim=True).clamp_min(1)
+    brighter = fov & (values > mean)
+    foreground = torch.where(brighter.sum(1, keepdim=True) >= 2, brighter, fov)  # as `of` falls back
+    count = foreground.sum(1, keepdim=True).clamp_min(1)
+    foreground_mean = torch.where(foreground, values, 0.0).sum(1, keepdim=True) / count
     squares = torch.where(foreground, (values - foreground_mean) ** 2, 0.0).sum(1, keepdim=True)
-    std = (squares / (foreground.sum(1, keepdim=True) - 1).clamp_min(1)).sqrt().clamp_min(1e-6)  # unbiased, as std()
+    std = (squares / (count - 1).clamp_min(1)).sqrt().clamp_min(1e-6)  # unbiased, as Tensor.std()
     normalised = (values - foreground_mean) / std
     pad_value = torch.where(fov, normalised, largest).amin(1, keepdim=True)
     return torch.where(fov, normalised, pad_value).view_as(volumes)
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """The mean [N, 1] of values [N, V] where mask [N, V] is set."""
-    return torch.where(mask, values, 0.0).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
 
 
 def model_spacing_mm(original: MetaTensor) -> float:
