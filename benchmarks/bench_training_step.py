@@ -59,6 +59,13 @@ def main() -> None:
         help="time the network with the full-resolution refinement head (added fresh where the weights lack it, "
         "as training does)",
     )
+    parser.add_argument(
+        "--high-res-context",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with (or without) the residual block on the decoder's 32^3 features (added fresh where the weights "
+        "lack it, as training does); unset: the weights' own",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -66,7 +73,10 @@ def main() -> None:
     synthesiser = Synthesiser(TrainingCache.load(args.training_cache, device), generator=generator)
     print(f"training cache loaded in {time.perf_counter() - started:.1f} s")
     torch.backends.cudnn.benchmark = True  # as a --no-deterministic run
-    model = build_model(FitConfig(init=args.weights, refinement=args.refinement, freeze_encoder=False), device)
+    config = FitConfig(
+        init=args.weights, refinement=args.refinement, high_res_context=args.high_res_context, freeze_encoder=False
+    )
+    model = build_model(config, device)
     for batch_size in args.batch_size:
         step = time_step(
             model, synthesiser, generator, batch_size, args.clicks, args.click_loss_weight, args.repeats, device

@@ -11,7 +11,8 @@
 # CLICKS: interaction steps K per sample (default 10). CLICK_LOSS_WEIGHT: the weight of the cross-entropy at the
 # clicks themselves (default 0: runs 1-15 trained without it). HIGH_RES: 1 adds the decoder's high-resolution
 # image features (lib/model/high_res_features.py; they start at zero where the weights lack them), 2 adds them with
-# the clicks and previous mask drawn in (--high-res-prompts), 0 drops them, unset keeps the weights' own.
+# the clicks and previous mask drawn in (--high-res-prompts), 3 with those and the residual convolution block on
+# the decoder's 32^3 features (--high-res-context), 0 drops them, unset keeps the weights' own.
 # HIGH_RES_LR_SCALE: their learning rate is LR x this (default 1; they start from zero, and at 1 they had barely
 # moved after run 21's 21 minutes).
 # OUT gets gen.pt (fp32), gen16.pt.part-* (the fp16 weights in pieces under the device's 16 MiB file limit:
@@ -25,6 +26,7 @@
 set -euo pipefail
 out=$(realpath -m "$1") batch=$2 lr=$3 budget=$4 seed=$5 clicks=${6:-10} click_loss_weight=${7:-0} high_res_lr_scale=${9:-1}
 case ${8:-} in
+  3) high_res=(--high-res-features --high-res-prompts --high-res-context) ;;
   2) high_res=(--high-res-features --high-res-prompts) ;;
   1) high_res=(--high-res-features --no-high-res-prompts) ;;
   0) high_res=(--no-high-res-features) ;;

@@ -1,6 +1,7 @@
-"""lib.model.high_res_features: off is SAM-Med3D, fresh features (and a fresh prompt branch) change nothing,
-trained ones draw image detail and the clicks into the decoder's mask where they are, they train through every
-step, and weights files and sessions carry them."""
+"""lib.model.high_res_features: off is SAM-Med3D, fresh features (and a fresh prompt branch or context block)
+change nothing, trained ones draw image detail and the clicks into the decoder's mask where they are, the
+context spreads them over its neighbourhood and no further, they train through every step, and weights files and
+sessions carry them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from lib.clicks.simulator import NEGATIVE, PADDING, POSITIVE
 from lib.model.builder import build_mais
 from lib.model.config import MaisConfig
-from lib.model.high_res_features import HighResFeatures, prompt_maps
+from lib.model.high_res_features import HighResFeatures, UpscaledContext, prompt_maps
 from lib.model.interaction import InteractionState
 from lib.model.weights import load_mais, save_mais
 from lib.session.interactive import InteractiveSession
@@ -77,7 +78,7 @@ def test_predict_refuses_features_a_model_has_not_and_wants_those_it_has():
 
 
 def test_they_train_at_every_step_from_one_computation_per_sample():
-    model = tiny_model(high_res_features=True, high_res_prompts=True).train()
+    model = tiny_model(high_res_features=True, high_res_prompts=True, high_res_context=True).train()
     # the prompt branch's gradient passes through the projections, which start at zero too: trained ones here
     torch.nn.init.normal_(model.high_res.project_4.weight, std=0.1)
     calls = []
@@ -85,7 +86,8 @@ def test_they_train_at_every_step_from_one_computation_per_sample():
     model.high_res.image_cells = lambda volume: calls.append(volume.shape) or image_cells(volume)
     interaction_on_noise(model, clicks=3).loss.backward()
     assert calls == [(2, 1, 128, 128, 128)]  # the crop's part once for the K steps
-    for layer in (model.high_res.project_4, model.high_res.project_8, model.high_res.prompt_4[-1]):
+    context = model.high_res.context.residual
+    for layer in (model.high_res.project_4, model.high_res.project_8, model.high_res.prompt_4[-1], context[-1]):
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
@@ -101,6 +103,34 @@ def test_prompts_need_the_features_and_a_fresh_branch_changes_nothing():
     volume = torch.randn(2, 1, 128, 128, 128)
     for before, after in zip(steps(trained, volume), steps(with_prompts, volume)):
         torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_a_fresh_context_block_changes_nothing_and_needs_the_features():
+    with pytest.raises(ValueError, match="needs them"):
+        MaisConfig.light(high_res_context=True)
+    trained = tiny_model(high_res_features=True, high_res_prompts=True)
+    for layer in (trained.high_res.project_4, trained.high_res.project_8, trained.high_res.prompt_4[-1]):
+        torch.nn.init.normal_(layer.weight, std=0.5)  # features and prompts that move the mask
+    with_context = tiny_model(high_res_features=True, high_res_prompts=True, high_res_context=True)
+    missing, unexpected = with_context.load_state_dict(trained.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("high_res.context.") for k in missing)
+    volume = torch.randn(2, 1, 128, 128, 128)
+    for before, after in zip(steps(trained, volume), steps(with_context, volume)):
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_the_context_block_spreads_a_cell_over_its_neighbourhood_and_no_further():
+    context = UpscaledContext()
+    torch.nn.init.normal_(context.residual[-1].weight, std=0.5)
+    upscaled = torch.rand(1, 48, 32, 32, 32)
+    changed = upscaled.clone()
+    changed[0, :, 16, 16, 16] += 3.0  # one cell, as a click's block or an edge of the image is drawn
+    with torch.no_grad():
+        difference = (context(changed) - context(upscaled)).abs()[0].amax(0)  # [32, 32, 32]
+    reached = torch.nonzero(difference > 0) - 16
+    # dilations 1, 2, 4: 7 cells each way (21 mm at 0.75 mm voxels), where the per-cell dot product reaches 0
+    assert reached.abs().max() == 7
+    assert difference[16, 16, 23] > 0 and difference[16, 16, 9] > 0
 
 
 def test_prompt_maps_draw_the_clicks_and_the_previous_mask_on_the_decoders_grid():
@@ -142,6 +172,13 @@ def test_training_adds_them_to_weights_without_and_the_file_keeps_them(tmp_path)
     assert build_model(FitConfig(init=kept, memory_size=8), torch.device("cpu")).config.high_res_features
     dropped = build_model(FitConfig(init=kept, high_res_features=False, memory_size=8), torch.device("cpu"))
     assert dropped.high_res is None
+    with_context = build_model(
+        FitConfig(init=kept, high_res_prompts=True, high_res_context=True, memory_size=8), torch.device("cpu")
+    )
+    assert with_context.high_res.context.residual[-1].weight.abs().sum() == 0  # fresh, at zero
+    kept_context = save_mais(with_context, tmp_path / "with_context.pt")
+    assert load_mais(kept_context).high_res.context is not None
+    assert build_model(FitConfig(init=kept_context, memory_size=8), torch.device("cpu")).config.high_res_context
 
 
 def test_a_session_computes_them_once_a_window_and_counts_their_bytes(tmp_path):

@@ -26,6 +26,7 @@ def tiny_model(
     refinement: bool = False,
     high_res_features: bool = False,
     high_res_prompts: bool = False,
+    high_res_context: bool = False,
 ) -> torch.nn.Module:
     """A one-block encoder on the real 128^3 crops (the session's windows are 128^3); seeded random weights."""
     torch.manual_seed(0)
@@ -38,6 +39,7 @@ def tiny_model(
         refinement=refinement,
         high_res_features=high_res_features,
         high_res_prompts=high_res_prompts,
+        high_res_context=high_res_context,
     )
     return build_mais(config)
 

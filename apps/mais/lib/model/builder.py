@@ -61,5 +61,9 @@ def build_mais(config: MaisConfig, device: torch.device | str | None = None) -> 
         )
         memory_attention = MemoryAttention(PROMPT_EMBED_DIM, config.memory_size, config.memory_attention)
         refinement = MaskRefinement() if config.refinement else None
-        high_res = HighResFeatures(prompts=config.high_res_prompts) if config.high_res_features else None
+        high_res = (
+            HighResFeatures(prompts=config.high_res_prompts, context=config.high_res_context)
+            if config.high_res_features
+            else None
+        )
     return Mais(image_encoder, prompt_encoder, mask_decoder, memory_attention, config, refinement, high_res).eval()

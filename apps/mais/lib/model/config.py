@@ -64,8 +64,8 @@ class MaisConfig:
     validation do and the MAIS paper's baseline: earlier clicks then reach the model only through the previous
     mask and, with a memory, the memory bank). Weights trained with one are used with the same one.
     refinement: the full-resolution head (lib.model.refinement). high_res_features: the decoder's high-resolution
-    image features; high_res_prompts: with the step's clicks and previous mask drawn into them
-    (lib.model.high_res_features).
+    image features; high_res_prompts: with the step's clicks and previous mask drawn into them; high_res_context:
+    with a residual convolution block on the decoder's 32^3 features after them (lib.model.high_res_features).
     """
 
     name: str
@@ -78,10 +78,13 @@ class MaisConfig:
     refinement: bool = False
     high_res_features: bool = False
     high_res_prompts: bool = False
+    high_res_context: bool = False
 
     def __post_init__(self) -> None:
         if self.high_res_prompts and not self.high_res_features:
             raise ValueError("high_res_prompts draws the prompts into the high-resolution features: needs them")
+        if self.high_res_context and not self.high_res_features:
+            raise ValueError("high_res_context mixes the decoder's high-resolution features: needs them")
         if self.memory_mode not in MEMORY_MODES:
             raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}")
         if self.prompt_clicks not in PROMPT_CLICKS:

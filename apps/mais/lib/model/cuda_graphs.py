@@ -27,7 +27,7 @@ import torch
 from medim.models.sam_med3d import MaskDecoder3D
 from torch import Tensor
 
-from .high_res_features import HighResFeatureMaps, decode_with_high_res
+from .high_res_features import HighResFeatureMaps, UpscaledContext, decode_with_high_res
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,11 @@ class _Recording:
 class DecoderGraphs:
     """`decoder`'s single-mask pass as CUDA graphs, one per number of prompt tokens (module docstring)."""
 
-    def __init__(self, decoder: MaskDecoder3D, max_graphs: int = MAX_GRAPHS) -> None:
+    def __init__(
+        self, decoder: MaskDecoder3D, context: UpscaledContext | None = None, max_graphs: int = MAX_GRAPHS
+    ) -> None:
         self.decoder = decoder
+        self.context = context
         self.max_graphs = max_graphs
         self.enabled = True
         self._recordings: OrderedDict[tuple, _Recording] = OrderedDict()
@@ -88,7 +91,7 @@ class DecoderGraphs:
                 except RuntimeError as error:
                     self.enabled = False
                     logger.warning("CUDA graphs of the mask decoder turned off, its kernels run one by one: %s", error)
-                    return _decode_flat(self.decoder, inputs)
+                    return _decode_flat(self.decoder, self.context, inputs)
                 self._recordings[key] = recording
                 if len(self._recordings) > self.max_graphs:
                     self._recordings.popitem(last=False)
@@ -104,11 +107,11 @@ class DecoderGraphs:
         side.wait_stream(torch.cuda.current_stream(static[0].device))
         with torch.cuda.stream(side):
             for _ in range(WARM_UP_PASSES):
-                _decode_flat(self.decoder, static)
+                _decode_flat(self.decoder, self.context, static)
         torch.cuda.current_stream(static[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            low_res_logits = _decode_flat(self.decoder, static)
+            low_res_logits = _decode_flat(self.decoder, self.context, static)
         self._pool = graph.pool()
         return _Recording(graph, static, low_res_logits)
 
@@ -120,12 +123,14 @@ def decode(
     sparse: Tensor,
     dense: Tensor,
     high_res: HighResFeatureMaps | None = None,
+    context: UpscaledContext | None = None,
 ) -> Tensor:
     """The decoder's single mask [B, 1, 32, 32, 32] (its second output, a quality estimate for choosing among
     several masks, is for multi-mask output: MAIS asks for one); with `high_res`, the features added in its
-    upscaling (lib.model.high_res_features), else medim's decoder as it is."""
+    upscaling and the `context` block after them if the model has one (lib.model.high_res_features), else
+    medim's decoder as it is."""
     if high_res is not None:
-        return decode_with_high_res(decoder, image_embeddings, image_pe, sparse, dense, high_res)
+        return decode_with_high_res(decoder, image_embeddings, image_pe, sparse, dense, high_res, context)
     low_res_logits, _ = decoder(
         image_embeddings=image_embeddings,
         image_pe=image_pe,
@@ -136,6 +141,6 @@ def decode(
     return low_res_logits
 
 
-def _decode_flat(decoder: MaskDecoder3D, inputs: tuple[Tensor, ...]) -> Tensor:
+def _decode_flat(decoder: MaskDecoder3D, context: UpscaledContext | None, inputs: tuple[Tensor, ...]) -> Tensor:
     """`decode` of a graph's flat inputs: the four decoder inputs, then the high-resolution features if any."""
-    return decode(decoder, *inputs[:4], tuple(inputs[4:]) or None)
+    return decode(decoder, *inputs[:4], tuple(inputs[4:]) or None, context)

@@ -30,9 +30,23 @@ reaches the upscaling only through the decoder's tokens, one per 12 mm: run 17, 
 still corrects a fixed few voxels around each (benchmarks/results/generalist/README.md, session 9), where a
 correction should run to the image's edge near the click.
 
-The two projections onto the decoder's channels and the prompt branch's last layer start at zero, so a model
-given fresh features (or a fresh prompt branch) computes exactly what it did without them; a model without them
-(MaisConfig.high_res_features False) is SAM-Med3D's network. The stem is 44 k parameters, the prompt branch 1.6 k.
+With context (MaisConfig.high_res_context), a residual block of three 3^3 convolutions (dilations 1, 2, 4; 15
+cells across, 45 mm at 0.75 mm voxels) reads the upscaled features once the image's and the prompts' are in, before
+the mask token's dot product (`UpscaledContext`):
+
+    upscaled = upscaled + Conv_4(GELU(Conv_2(GELU(Conv_1(LayerNorm(upscaled))))))    [B, 48, 32^3]
+
+Without it nothing after the prompt branch mixes neighbouring cells at 32^3: the mask is a per-cell dot product,
+so a click's block changes the cells it covers and reaches further only through the 16^3 map and the decoder's
+12 mm tokens, and a correction cannot follow an edge of the image away from the click. With it a step's
+prompt, the previous mask and the image detail meet over a neighbourhood at the decoder's finest grid
+(nnInteractive decodes clicks with convolutions at full resolution for this reason).
+
+The two projections onto the decoder's channels, the prompt branch's last layer and the context's last
+convolution start at zero, so a model given fresh features (or a fresh prompt branch, or fresh context) computes
+exactly what it did without them; a model without them (MaisConfig.high_res_features False) is SAM-Med3D's
+network. The stem is 44 k parameters, the prompt branch 1.6 k, the context 111 k (~24 ms a click on two CPU
+cores).
 """
 
 from __future__ import annotations
@@ -48,15 +62,40 @@ STRIDE_8_CHANNELS = 96
 STRIDE_4_CHANNELS = 48
 # what `prompt_maps` draws: positive clicks, negative clicks, the previous mask
 PROMPT_CHANNELS = 3
+# the context block's width: 32 (or 24) runs at 21-24 ms a click on two CPU cores where 16 takes 85 (oneDNN's
+# 3D convolution does not vectorise that count for these shapes) and 48 takes 39
+CONTEXT_CHANNELS = 32
 
 HighResFeatureMaps = tuple[Tensor, Tensor]  # (stride 8 [B, 96, 16, 16, 16], stride 4 [B, 48, 32, 32, 32])
 
 
+class UpscaledContext(nn.Module):
+    """The residual block of the module docstring on the decoder's upscaled features [B, 48, S, S, S]; its last
+    convolution starts at zero (the block then passes its input through unchanged)."""
+
+    def __init__(self, channels: int = CONTEXT_CHANNELS) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(
+            LayerNorm3d(STRIDE_4_CHANNELS),
+            nn.Conv3d(STRIDE_4_CHANNELS, channels, kernel_size=3, padding=1),
+            nn.GELU(),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=2, dilation=2),
+            nn.GELU(),
+            nn.Conv3d(channels, STRIDE_4_CHANNELS, kernel_size=3, padding=4, dilation=4),
+        )
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    def forward(self, upscaled: Tensor) -> Tensor:
+        return upscaled + self.residual(upscaled)
+
+
 class HighResFeatures(nn.Module):
     """The stem of the module docstring: `channels` features at stride 4, twice as many at stride 8; with
-    `prompts`, the branch that adds the prompt maps to the stride-4 cells."""
+    `prompts`, the branch that adds the prompt maps to the stride-4 cells; with `context`, the decoder's
+    `UpscaledContext` (kept here, beside the features it mixes; `decode_with_high_res` applies it)."""
 
-    def __init__(self, channels: int = 16, prompts: bool = False) -> None:
+    def __init__(self, channels: int = 16, prompts: bool = False, context: bool = False) -> None:
         super().__init__()
         # each convolution normalised per voxel, as the decoder's upscaling is: without, one batch of the first
         # GPU run (run 20, session 9) drove the logits so far that its loss rose from 9 to 2705 for a step
@@ -93,6 +132,7 @@ class HighResFeatures(nn.Module):
         for layer in starts_at_zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.context = UpscaledContext() if context else None
 
     def image_cells(self, volume: Tensor) -> Tensor:
         """volume [B, 1, S, S, S] (normalised as the encoder's input) -> cells [B, channels, S/4, S/4, S/4]: the
@@ -131,10 +171,11 @@ def decode_with_high_res(
     sparse: Tensor,
     dense: Tensor,
     high_res: HighResFeatureMaps,
+    context: UpscaledContext | None = None,
 ) -> Tensor:
     """The decoder's single mask [B, 1, 32, 32, 32], as medim's `MaskDecoder3D.forward(..., multimask_output=
-    False)` computes it but with `high_res` added in its upscaling (module docstring). image_embeddings and dense
-    [B, E, 8, 8, 8], image_pe [1, E, 8, 8, 8], sparse [B, P, E]."""
+    False)` computes it but with `high_res` added in its upscaling and, given one, the `context` block after it
+    (module docstring). image_embeddings and dense [B, E, 8, 8, 8], image_pe [1, E, 8, 8, 8], sparse [B, P, E]."""
     B = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens[None].expand(B, -1, -1), sparse], dim=1)
@@ -147,6 +188,8 @@ def decode_with_high_res(
     up_8, norm, act_8, up_4, act_4 = decoder.output_upscaling
     stride_8, stride_4 = high_res
     upscaled = act_4(up_4(act_8(norm(up_8(src) + stride_8))) + stride_4)  # [B, 48, 32, 32, 32]
+    if context is not None:
+        upscaled = context(upscaled)
     weights = decoder.output_hypernetworks_mlps[0](mask_token)  # [B, 48]
     b, c, x, y, z = upscaled.shape
     return (weights[:, None] @ upscaled.view(b, c, x * y * z)).view(b, 1, x, y, z)

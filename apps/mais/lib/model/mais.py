@@ -17,7 +17,8 @@ Full-resolution refinement (MaisConfig.refinement): `mask_logits` upsamples the 
 head on, adds lib.model.refinement's residual. High-resolution features (MaisConfig.high_res_features): the
 decoder's upscaling adds the crop's own features at strides 8 and 4, computed once a crop, or with
 MaisConfig.high_res_prompts finished every step from the crop's cells and the step's clicks and previous mask
-drawn at 32^3 (lib.model.high_res_features). With both off (and memory "none") the network is SAM-Med3D's.
+drawn at 32^3, and with MaisConfig.high_res_context mixed over a neighbourhood of cells before the mask is read
+from them (lib.model.high_res_features). With both off (and memory "none") the network is SAM-Med3D's.
 
 Memory modes (MaisConfig.memory_mode): "none" is exactly SAM-Med3D (the prompt encoder and mask decoder of
 medim on the image embedding, memory ignored), "sparse" / "dense" / "both" add the memory attention's dense term
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 from .config import MaisConfig
 from .cuda_graphs import DecoderGraphs, decode
-from .high_res_features import HighResFeatureMaps, HighResFeatures, prompt_maps
+from .high_res_features import HighResFeatureMaps, HighResFeatures, UpscaledContext, prompt_maps
 from .image_encoder import ImageEncoder3D
 from .memory_attention import MemoryAttention, MemoryAttentionWeights
 from .memory_bank import MemoryBank, MemoryEntry
@@ -79,6 +80,8 @@ class Mais(nn.Module):
             raise ValueError(f"config.high_res_features is {config.high_res_features}, the module is {high_res}")
         if high_res is not None and (high_res.prompt_4 is not None) != config.high_res_prompts:
             raise ValueError(f"config.high_res_prompts is {config.high_res_prompts}, the module's differ")
+        if high_res is not None and (high_res.context is not None) != config.high_res_context:
+            raise ValueError(f"config.high_res_context is {config.high_res_context}, the module's differs")
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
@@ -100,7 +103,7 @@ class Mais(nn.Module):
     def use_cuda_graphs(self) -> None:
         """Replay the mask decoder of batch-1 inference on CUDA as CUDA graphs (lib.model.cuda_graphs): what a
         served click runs. Training and batches run it as before."""
-        self.decoder_graphs = DecoderGraphs(self.mask_decoder)
+        self.decoder_graphs = DecoderGraphs(self.mask_decoder, self._context())
 
     def dense_pe(self) -> Tensor:
         """The prompt encoder's positional encoding of the embedding grid [1, E, 8, 8, 8]: a function of one
@@ -189,8 +192,12 @@ class Mais(nn.Module):
         if self.decoder_graphs is not None and self.decoder_graphs.accepts(src):
             low_res_logits = self.decoder_graphs(src, image_pe, sparse, dense, features)
         else:
-            low_res_logits = decode(self.mask_decoder, src, image_pe, sparse, dense, features)
+            low_res_logits = decode(self.mask_decoder, src, image_pe, sparse, dense, features, self._context())
         return MaisOutput(low_res_logits, entry, attention)
+
+    def _context(self) -> UpscaledContext | None:
+        """The decoder's context block at 32^3 (MaisConfig.high_res_context), None for a model without one."""
+        return None if self.high_res is None else self.high_res.context
 
     def _finish_high_res(
         self,

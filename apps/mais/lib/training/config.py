@@ -48,6 +48,12 @@ class FitConfig(BaseModel):
         "mask drawn into the high-resolution features (needs them); unset: the --init file's, or off; a prompt "
         "branch the init file lacks starts at zero",
     )
+    high_res_context: bool | None = Field(
+        None,
+        description="with (--high-res-context) or without (--no-high-res-context) the residual convolution block on "
+        "the decoder's 32^3 features (needs the high-resolution features); unset: the --init file's, or off; a "
+        "block the init file lacks starts at zero",
+    )
     fresh_memory: bool = Field(
         False, description="with --init: memory attention starts afresh, not from the file (equal start to compare)"
     )

@@ -29,6 +29,7 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
             "refinement": config.refinement,
             "high_res_features": config.high_res_features,
             "high_res_prompts": config.high_res_prompts,
+            "high_res_context": config.high_res_context,
         }
         network = dataclasses.replace(network, **{k: v for k, v in switches.items() if v is not None})
         model = build_mais(network)
@@ -41,17 +42,22 @@ def build_model(config: FitConfig, device: torch.device) -> Mais:
 
 def _model_from_init(config: FitConfig) -> Mais:
     """The `init` file's network with this run's memory mode and size (and refinement head, high-resolution
-    features and their prompts, when set), loaded with every weight whose shape still fits. Only memory-attention
-    weights (its age embeddings are sized by memory_size, so a stage-1 file trained with N = 60 also starts an
-    N = 10 run) and a refinement head, high-resolution features or prompt branch the file lacks may start fresh;
-    any other mismatch is an error. A file's head or features that this run drops are left out."""
+    features, their prompts and context, when set), loaded with every weight whose shape still fits. Only
+    memory-attention weights (its age embeddings are sized by memory_size, so a stage-1 file trained with N = 60
+    also starts an N = 10 run) and a refinement head, high-resolution features, prompt branch or context the file
+    lacks may start fresh; any other mismatch is an error. A file's head or features that this run drops are left
+    out."""
     source = load_mais(config.init, device="cpu")
     refinement = source.config.refinement if config.refinement is None else config.refinement
     high_res = source.config.high_res_features if config.high_res_features is None else config.high_res_features
-    # the file's prompt branch goes with its features; one asked for without features is MaisConfig's error
+    # the file's prompt branch and context go with its features; one asked for without features is MaisConfig's
+    # error
     prompts = config.high_res_prompts
     if prompts is None:
         prompts = source.config.high_res_prompts and high_res
+    context = config.high_res_context
+    if context is None:
+        context = source.config.high_res_context and high_res
     model = build_mais(
         dataclasses.replace(
             source.config,
@@ -61,6 +67,7 @@ def _model_from_init(config: FitConfig) -> Mais:
             refinement=refinement,
             high_res_features=high_res,
             high_res_prompts=prompts,
+            high_res_context=context,
         )
     )
     expected = model.state_dict()
