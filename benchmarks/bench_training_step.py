@@ -53,6 +53,12 @@ def main() -> None:
     )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile whole steps: N operators")
     parser.add_argument(
+        "--trace",
+        type=Path,
+        help="with --profile: also write the steps' timeline here (Chrome's trace format, gzip-compressed when the "
+        "name ends in .gz), to find what the GPU waits for between its kernels",
+    )
+    parser.add_argument(
         "--refinement",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -82,7 +88,7 @@ def main() -> None:
             model, synthesiser, generator, batch_size, args.clicks, args.click_loss_weight, args.repeats, device
         )
     if args.profile:
-        profile_steps(step, args.repeats, device, args.profile)
+        profile_steps(step, args.repeats, device, args.profile, args.trace)
 
 
 def time_step(
@@ -169,8 +175,10 @@ def synchronisations(fn: Callable[[], object]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def profile_steps(step: Callable[[], None], repeats: int, device: torch.device, rows: int) -> None:
-    """`repeats` whole steps under torch.profiler, after one unprofiled warm-up step."""
+def profile_steps(
+    step: Callable[[], None], repeats: int, device: torch.device, rows: int, trace: Path | None = None
+) -> None:
+    """`repeats` whole steps under torch.profiler, after one unprofiled warm-up step; their timeline to `trace`."""
     from torch.profiler import profile
 
     step()
@@ -187,6 +195,9 @@ def profile_steps(step: Callable[[], None], repeats: int, device: torch.device, 
         if part.key in STEP_PARTS:  # host time includes waiting for the GPU where the host synchronises
             host_ms, device_ms = part.cpu_time_total / 1e3, part.device_time_total / 1e3
             print(f"{part.key:<30} host {host_ms:9.1f} ms, GPU {device_ms:9.1f} ms")
+    if trace is not None:
+        profiler.export_chrome_trace(str(trace))  # the profiler gzips a name ending in .gz
+        print(f"timeline written to {trace}")
 
 
 if __name__ == "__main__":

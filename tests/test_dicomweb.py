@@ -10,6 +10,7 @@ test_ohif.py).
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -39,6 +40,32 @@ def test_datastore_lists_the_series(pacs_server, series):
     # PACS listing itself and hand out SeriesInstanceUIDs, which OHIF then opens
     chosen = requests.post(f"{pacs_server.url}/activelearning/random", json={}, timeout=60).json()
     assert chosen["id"] in series.values()
+
+
+def test_next_sample_names_the_study_of_a_series_whose_cached_record_another_process_rewrote(pacs_server, series):
+    """A training or scoring run is a process of its own with its own view of the series cache. One that finds a
+    fetched series' NIfTI on disk before its record (LocalDatastore's reconcile) writes a bare record over the
+    shared datastore file, a time stamp and a file name, and the server reloads that file. Next Sample must still
+    name the study that OHIF opens the sample by: test_ohif.py's Next Sample answered without it one run in six,
+    right after the panel had started and stopped a training run."""
+    first = requests.post(f"{pacs_server.url}/activelearning/first", json={}, timeout=60).json()
+    assert first["StudyInstanceUID"] and first["id"] in series.values()
+    [datastore_file] = Path(pacs_server.env["MONAI_LABEL_DICOMWEB_CACHE_PATH"]).glob("*/datastore_v2.json")
+    records = json.loads(datastore_file.read_text())
+    info = records["objects"][first["id"]]["image"]["info"]
+    records["objects"][first["id"]]["image"]["info"] = {"ts": info["ts"], "name": info["name"]}  # as reconcile does
+    datastore_file.write_text(json.dumps(records, indent=2))
+    for _ in range(50):  # the server's file watcher reloads the file within moments
+        stats = requests.get(f"{pacs_server.url}/datastore/", params={"output": "all"}, timeout=60).json()
+        if "StudyInstanceUID" not in stats["objects"][first["id"]]["image"]["info"]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the server did not reload the rewritten datastore file")
+    again = requests.post(f"{pacs_server.url}/activelearning/first", json={}, timeout=60).json()
+    assert again["id"] == first["id"]
+    assert again["StudyInstanceUID"] == first["StudyInstanceUID"]
+    assert again["PatientID"] == first["PatientID"] and again["Modality"] == first["Modality"]
 
 
 def test_ohif_click_by_series_uid_returns_a_mask_on_the_series_grid(pacs_server, series, sample_dicom, tmp_path):

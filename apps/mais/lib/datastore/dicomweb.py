@@ -24,6 +24,11 @@ What changes against the stock datastore:
 - `get_labeled_images` lists a series once, however many SEGs refer to it, and after a save its cached answer is
   dropped, so `/datastore` stats and the active-learning strategies see the new label at once (MONAI Label caches
   it for 2 hours).
+- `get_image_info` puts the series' study fields (StudyInstanceUID, PatientID, Modality, ...) back into its cached
+  record where the record has lost them. A training or scoring run is a process of its own with its own view of
+  the cache; one that finds a fetched series' NIfTI on disk before its record (LocalDatastore's reconcile) writes a
+  bare record over the shared datastore file, which the server then reloads, and Next Sample answered without
+  the StudyInstanceUID that OHIF opens the sample's study by.
 - No request leaves files in the temporary folder: the stock series conversion and SEG decode wrote a file there
   per series or label and never deleted it.
 
@@ -97,6 +102,19 @@ class MaisDICOMWebDatastore(DICOMWebDatastore):
     def list_images(self) -> list[str]:
         datasets = [Dataset.from_json(ds) for ds in self._client.search_for_series(search_filters=self._search_filter)]
         return [str(ds.SeriesInstanceUID) for ds in datasets if ds.get("Modality") != "SEG"]
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        """The cached record's info, with the PACS's study fields put back (and stored) where another process of
+        the server wrote a record without them (module docstring); {} for a series not fetched yet, as stock."""
+        info = super().get_image_info(image_id)
+        if info and "StudyInstanceUID" not in info:
+            try:
+                study_fields = self._dicom_info(image_id)
+            except IndexError:  # the PACS no longer has the series: the record is what there is
+                return info
+            self.update_image_info(image_id, study_fields)
+            info.update(study_fields)
+        return info
 
     @cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY))
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
