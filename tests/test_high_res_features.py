@@ -39,13 +39,18 @@ def test_without_them_the_network_is_sam_med3d():
         assert model.high_res_features(torch.zeros(1, 1, 128, 128, 128, device="meta")) is None
 
 
-def test_fresh_features_leave_the_decoder_exactly_as_it_was():
-    plain, with_features = tiny_model(), tiny_model(high_res_features=True)
-    missing, unexpected = with_features.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("high_res.") for k in missing)
+def assert_a_fresh_part_changes_nothing(trained, extended, part: str) -> None:
+    """`extended`, given `trained`'s weights (and so only its weights named `part...` fresh), predicts the same
+    masks as `trained` step after step."""
+    missing, unexpected = extended.load_state_dict(trained.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(part) for k in missing)
     volume = torch.randn(2, 1, 128, 128, 128)
-    for before, after in zip(steps(plain, volume), steps(with_features, volume)):
+    for before, after in zip(steps(trained, volume), steps(extended, volume)):
         torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+
+
+def test_fresh_features_leave_the_decoder_exactly_as_it_was():
+    assert_a_fresh_part_changes_nothing(tiny_model(), tiny_model(high_res_features=True), "high_res.")
 
 
 def test_trained_features_draw_the_image_into_the_mask_near_its_detail():
@@ -98,11 +103,7 @@ def test_prompts_need_the_features_and_a_fresh_branch_changes_nothing():
     with_prompts = tiny_model(high_res_features=True, high_res_prompts=True)
     for projection in (trained.high_res.project_4, trained.high_res.project_8):
         torch.nn.init.normal_(projection.weight, std=0.5)  # features that move the mask
-    missing, unexpected = with_prompts.load_state_dict(trained.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("high_res.prompt_4.") for k in missing)
-    volume = torch.randn(2, 1, 128, 128, 128)
-    for before, after in zip(steps(trained, volume), steps(with_prompts, volume)):
-        torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert_a_fresh_part_changes_nothing(trained, with_prompts, "high_res.prompt_4.")
 
 
 def test_a_fresh_context_block_changes_nothing_and_needs_the_features():
@@ -112,11 +113,7 @@ def test_a_fresh_context_block_changes_nothing_and_needs_the_features():
     for layer in (trained.high_res.project_4, trained.high_res.project_8, trained.high_res.prompt_4[-1]):
         torch.nn.init.normal_(layer.weight, std=0.5)  # features and prompts that move the mask
     with_context = tiny_model(high_res_features=True, high_res_prompts=True, high_res_context=True)
-    missing, unexpected = with_context.load_state_dict(trained.state_dict(), strict=False)
-    assert not unexpected and missing and all(k.startswith("high_res.context.") for k in missing)
-    volume = torch.randn(2, 1, 128, 128, 128)
-    for before, after in zip(steps(trained, volume), steps(with_context, volume)):
-        torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert_a_fresh_part_changes_nothing(trained, with_context, "high_res.context.")
 
 
 def test_the_context_block_spreads_a_cell_over_its_neighbourhood_and_no_further():
