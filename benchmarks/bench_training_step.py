@@ -106,15 +106,19 @@ def time_step(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     images, targets, _ = synthesiser.next_batch(B)
+    host = torch.Generator().manual_seed(0)  # the shapes' scalars, as lib.training.data_sources draws them
+
+    def shapes():
+        return [synthetic_sample(generator, SyntheticConfig(), host) for _ in range(B)]
+
     if device.type == "cuda":
         print(
-            f"synthesis, batch {B}: {synchronisations(lambda: synthesiser.next_batch(B))} host-device synchronisations"
+            f"synthesis, batch {B}: {synchronisations(lambda: synthesiser.next_batch(B))} host-device "
+            f"synchronisations; synthetic shapes, {B} volumes: {synchronisations(shapes)}"
         )
     figures = {
         f"synthesis from the cache, batch {B}": timed(lambda: synthesiser.next_batch(B), device, repeats),
-        f"synthetic shapes, {B} volumes": timed(
-            lambda: [synthetic_sample(generator, SyntheticConfig()) for _ in range(B)], device, repeats
-        ),
+        f"synthetic shapes, {B} volumes": timed(shapes, device, repeats),
     }
     rng = np.random.default_rng(0)
     predictions = torch.roll(targets, shifts=6, dims=2)  # a plausible error: the target shifted by 6 voxels

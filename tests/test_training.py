@@ -6,6 +6,8 @@ light model goes through the same code (checked by hand with the CLI).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,21 @@ def test_synthetic_volumes_are_normalised_non_empty_and_seeded():
     assert torch.equal(images, again_images) and torch.equal(masks, again_masks)
     other_images, _ = tiny_batch(3, seed=1)
     assert not torch.equal(images, other_images)
+
+
+def test_a_synthetic_target_too_small_is_replaced_by_a_sphere_large_enough():
+    # shapes of radius 3-4 voxels hold a few hundred voxels, so each of these targets is the sphere that stands in
+    # (no body outline, which may cut a target after its size is settled)
+    config = dataclasses.replace(TINY_SYNTHETIC, radius_range=(3.0, 4.0), tube_radius_range=(1.0, 1.5),
+                                 min_target_voxels=5000, body_probability=0.0)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        _, mask = synthetic_sample(generator, config, host=torch.Generator().manual_seed(0))
+        assert config.min_target_voxels <= mask.sum() <= 4 * config.min_target_voxels
+    # the host generator fixes the scalars, the caller's generator the noise: the same pair, the same sample
+    a, b = (synthetic_sample(torch.Generator().manual_seed(3), TINY_SYNTHETIC, torch.Generator().manual_seed(4))
+            for _ in range(2))  # fmt: skip
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_synthetic_stream_makes_valid_samples_in_worker_processes_in_a_seeded_order():

@@ -19,3 +19,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def copy_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A new host tensor copied to `device` without waiting for the GPU: a copy from pageable memory waits for
+    every kernel queued before it, one from pinned memory does not (the caching host allocator keeps the pinned
+    block until the copy is done). The training's data is drawn this way while the GPU runs the step before."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)

@@ -89,19 +89,19 @@ class BatchSource:
         if self.training_cache is not None:
             from_cache = int((rng.random(batch_size) < self.config.cache_fraction).sum())
         keys, images, masks = [], [], []
-        # the cache's samples first: their synthesis waits for the GPU only once, at its end, so the host draws
-        # them while the GPU still runs the step before (lib.training.loop); a synthetic shape drawn on the GPU
-        # waits several times (its target size, its normalisation)
-        if from_cache:
-            cache_images, cache_masks, _ = self.synthesiser.next_batch(from_cache)
-            keys += [None] * from_cache  # fresh every step: nothing to cache
-            images += list(cache_images)
-            masks += list(cache_masks)
+        # the shapes first, then the cache's samples: neither waits for the GPU but the cache's at its very end
+        # (its target size check), so the host draws the whole batch while the GPU still runs the step before
+        # (lib.training.loop)
         for _ in range(batch_size - from_cache):
             key, image, mask = self._sample(rng)
             keys.append(key)
             images.append(image.to(self.device, non_blocking=True))
             masks.append(mask.to(self.device, non_blocking=True))
+        if from_cache:
+            cache_images, cache_masks, _ = self.synthesiser.next_batch(from_cache)
+            keys += [None] * from_cache  # fresh every step: nothing to cache
+            images += list(cache_images)
+            masks += list(cache_masks)
         return keys, torch.stack(images), torch.stack(masks)
 
     @property
@@ -117,7 +117,8 @@ class BatchSource:
     def _sample(self, rng: np.random.Generator) -> tuple[str | None, Tensor, Tensor]:
         if rng.random() < self.synthetic_fraction:
             if not self.pool:
-                return (None, *self._synthetic())
+                # its scalars from a generator seeded by `rng`: seeding from the device generator would wait for it
+                return (None, *self._synthetic(torch.Generator().manual_seed(int(rng.integers(2**62)))))
             index = int(rng.integers(len(self.pool)))
             return (f"synthetic:{index}", *self.pool[index])
         target = self.targets[int(rng.integers(len(self.targets)))]
@@ -129,10 +130,10 @@ class BatchSource:
         iterator shuts them down in order."""
         self.stream = None
 
-    def _synthetic(self) -> tuple[Tensor, Tensor]:
+    def _synthetic(self, host: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         if self.stream is not None:
             return next(self.stream)
-        return synthetic_sample(self.generator, self.synthetic_config)
+        return synthetic_sample(self.generator, self.synthetic_config, host)
 
 
 class EmbeddingCache:

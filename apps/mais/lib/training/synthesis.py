@@ -16,9 +16,9 @@ A sample is one CROP_SIZE^3 crop of model space (0.375-1.5 mm voxels, as served)
 
 Randomness: one torch.Generator (the caller's, on the device) fixes every sample; scalar choices come from a host
 generator seeded once from it. A batch waits for the GPU once, at the target size check, after the drawing: host
-values reach the device through pinned memory without waiting (`_on_device`), and the normalisation and the
-pseudo-objects' quantiles are masked reductions, not boolean indexing. So the training loop can draw the next
-batch while the GPU still runs the step before.
+values reach the device through pinned memory without waiting (`lib.devices.copy_to_device`), and the
+normalisation and the pseudo-objects' quantiles are masked reductions, not boolean indexing. So the training loop
+can draw the next batch while the GPU still runs the step before.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
+from lib.devices import copy_to_device
 from lib.imaging import CROP_SIZE, MODEL_SPACING_MM, normalise_batch
 
 MODES = ("label_map", "real_pair", "pseudo_object")
@@ -301,7 +302,7 @@ class Synthesiser:
         s = self.config.size
         components = torch.empty((count, s, s, s), dtype=torch.long, device=self.device)
         real = torch.zeros((count, 1, s, s, s), device=self.device)
-        placements = _on_device(
+        placements = copy_to_device(
             torch.tensor(
                 np.array([[*p.matrix.ravel(), *(p.centre - p.matrix @ p.offset), *p.volume.shape] for p in plans]),
                 dtype=torch.float32,
@@ -320,7 +321,7 @@ class Synthesiser:
         wanted = torch.zeros((count, MAX_LABELS), dtype=torch.bool)  # the target's labels, each plan's row
         for b, plan in enumerate(plans):
             wanted[b, list(plan.target_labels)] = True
-        wanted = _on_device(wanted, self.device)
+        wanted = copy_to_device(wanted, self.device)
         targets = torch.zeros((count, s, s, s), dtype=torch.bool, device=self.device)
         for b, plan in enumerate(plans):
             if plan.target_component:
@@ -328,11 +329,11 @@ class Synthesiser:
             elif plan.target_labels:
                 targets[b] = wanted[b][labels[b]]
         images = self._intensities(plans, labels)[:, None]
-        is_real = _on_device(torch.tensor([p.mode != "label_map" for p in plans]), self.device)
+        is_real = copy_to_device(torch.tensor([p.mode != "label_map" for p in plans]), self.device)
         images = torch.where(is_real.view(-1, 1, 1, 1, 1), real, images)
         pseudo = [b for b, p in enumerate(plans) if p.mode == "pseudo_object"]
         if pseudo:
-            index = _on_device(torch.tensor(pseudo), self.device)
+            index = copy_to_device(torch.tensor(pseudo), self.device)
             regions = pseudo_object(
                 real.index_select(0, index), inside_image.index_select(0, index), self.config, self.generator, self.host
             )
@@ -430,8 +431,8 @@ class Synthesiser:
             if float(torch.rand((), generator=host)) < config.share_probability:
                 volume = plan.volume
                 classes[b] = generation_classes(volume.neighbours, volume.max_label, config.share_fraction, host)
-        means = _on_device(means.gather(1, classes), self.device)
-        stds = _on_device(stds.gather(1, classes), self.device)
+        means = copy_to_device(means.gather(1, classes), self.device)
+        stds = copy_to_device(stds.gather(1, classes), self.device)
         flat = labels.flatten(1)
         noise = torch.randn(flat.shape, generator=self.generator, device=self.device)
         values = means.gather(1, flat) + stds.gather(1, flat) * noise
@@ -446,19 +447,20 @@ class Synthesiser:
             if float(torch.rand((), generator=host)) < config.low_resolution_probability:
                 images[b] = low_resolution(images[b : b + 1], resolution_factors(host, config))[0]
         mr = [b for b, is_ct in enumerate(ct) if not is_ct]
-        mr_index = _on_device(torch.tensor(mr), self.device) if mr else None
+        mr_index = copy_to_device(torch.tensor(mr), self.device) if mr else None
         if mr:
             biased = images.index_select(0, mr_index).clamp_min(0)
             images = images.index_copy(
                 0, mr_index, biased * bias_field(len(mr), config, host, generator, images.shape[-1])
             )
         ranges = (images.flatten(1).amax(1) - images.flatten(1).amin(1)).clamp_min(1e-3)
-        stds = _on_device(torch.tensor([_uniform(host, 0.0, config.noise_std_max) for _ in ct]), self.device) * ranges
+        stds = torch.tensor([_uniform(host, 0.0, config.noise_std_max) for _ in ct])
+        stds = copy_to_device(stds, self.device) * ranges
         images = images + stds.view(-1, 1, 1, 1, 1) * torch.randn(images.shape, generator=generator, device=self.device)
         if mr:
             gammas = torch.tensor([math.exp(config.gamma_std * float(torch.randn((), generator=host))) for _ in mr])
             images = images.index_copy(
-                0, mr_index, gamma(images.index_select(0, mr_index), _on_device(gammas, self.device))
+                0, mr_index, gamma(images.index_select(0, mr_index), copy_to_device(gammas, self.device))
             )
         return images
 
@@ -469,15 +471,6 @@ def _has_target(volume: _GpuVolume) -> bool:
 
 def _uniform(host: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=host))
-
-
-def _on_device(values: Tensor, device: torch.device) -> Tensor:
-    """A new host tensor copied to `device` without waiting for the GPU: a copy from pageable memory waits for
-    every kernel queued before it, one from pinned memory does not (the caching host allocator keeps the pinned
-    block until the copy is done)."""
-    if device.type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
 
 
 def _random_component(volume: _GpuVolume, label: int, host: torch.Generator) -> int:
@@ -563,7 +556,7 @@ def gaussian_blur(images: Tensor, sigmas: Tensor) -> Tensor:
     radius = max(1, math.ceil(3 * float(sigmas.max())))
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernels = torch.exp(-0.5 * (offsets[None] / sigmas.clamp_min(1e-3)[:, None].float()) ** 2)
-    kernels = _on_device(kernels / kernels.sum(1, keepdim=True), images.device)  # [N, 2r + 1]; sigma 0 -> a delta
+    kernels = copy_to_device(kernels / kernels.sum(1, keepdim=True), images.device)  # [N, 2r + 1]; sigma 0 -> a delta
     n = images.shape[0]
     out = images.reshape(1, n, *images.shape[2:])
     for axis in range(3):
@@ -603,7 +596,8 @@ def bias_field(
     count: int, config: SynthesisConfig, host: torch.Generator, generator: torch.Generator, size: int
 ) -> Tensor:
     """Multiplicative smooth fields [count, 1, size, size, size]: exp of a coarse Gaussian field, upsampled."""
-    stds = _on_device(torch.tensor([_uniform(host, 0.0, config.bias_std_max) for _ in range(count)]), generator.device)
+    stds = torch.tensor([_uniform(host, 0.0, config.bias_std_max) for _ in range(count)])
+    stds = copy_to_device(stds, generator.device)
     cells = config.bias_cells
     coarse = torch.randn((count, 1, cells, cells, cells), generator=generator, device=generator.device)
     coarse = coarse * stds.view(-1, 1, 1, 1, 1)
@@ -661,7 +655,7 @@ def quantile_edges(values: Tensor, inside: Tensor, levels: list[int]) -> Tensor:
     fractions = torch.ones(len(levels), max(levels) - 1)
     for row, count in enumerate(levels):
         fractions[row, : count - 1] = torch.arange(1, count) / count
-    position = _on_device(fractions, values.device) * last
+    position = copy_to_device(fractions, values.device) * last
     lower = position.floor().long()
     upper = torch.minimum(lower + 1, last)
     return torch.lerp(ordered.gather(1, lower), ordered.gather(1, upper), position - lower)

@@ -8,7 +8,14 @@ Distractors of random (sometimes equal) contrast make the target ambiguous witho
 Every shape is an implicit function f (negative inside, about a distance in voxels), evaluated on a grid
 `field_stride` times coarser than the volume and upsampled trilinearly: f is smooth, so this loses little, and it
 makes generation 8x cheaper. The target mask is f < 0 at full resolution; the image blends intensities with
-sigmoid(-f / edge_softness), a partial-volume edge. All randomness comes from a torch.Generator on the device.
+sigmoid(-f / edge_softness), a partial-volume edge. The volumes' noise comes from a torch.Generator on the
+device, every scalar and small tensor from a host generator.
+
+On a GPU a sample never waits for it: host values reach the device through pinned memory, a target too small is
+replaced by a sphere with `torch.where` instead of being drawn again after a look at its size, and the
+normalisation is a masked reduction (`lib.imaging.normalise_batch`). So the training loop draws its shapes while
+the GPU still runs the step before (lib.training.data_sources); each used to wait for it about 25 times
+(13-38 by the code, with its distractors), ~6 ms a shape with the GPU idle.
 
 Held-out synthetic cases for `lib.evaluation.evaluate` (volumes drawn from a seed no training run uses):
 
@@ -30,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lib.imaging import CROP_SIZE, MODEL_SPACING_MM, normalise_intensity
+from lib.devices import copy_to_device
+from lib.imaging import CROP_SIZE, MODEL_SPACING_MM, normalise_batch
 
 # The label name of every synthetic target, in the label map `write_cases` writes beside the cases.
 SYNTHETIC_LABEL = "object"
@@ -63,9 +71,13 @@ class SyntheticConfig:
             raise ValueError(f"size {self.size} must be a multiple of field_stride {self.field_stride}")
 
 
-def synthetic_sample(generator: torch.Generator, config: SyntheticConfig = SyntheticConfig()) -> tuple[Tensor, Tensor]:
-    """One sample: image float32 [1, S, S, S] normalised, mask bool [1, S, S, S] of the target (not empty)."""
-    draw = _Draw(generator)
+def synthetic_sample(
+    generator: torch.Generator, config: SyntheticConfig = SyntheticConfig(), host: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """One sample: image float32 [1, S, S, S] normalised, mask bool [1, S, S, S] of the target (at least
+    `min_target_voxels`), on `generator`'s device. host: the generator of its scalars (a CPU one); None seeds one
+    from `generator`, which waits for a GPU generator, so a caller on the GPU passes its own."""
+    draw = _Draw(generator, host)
     grid = _field_grid(config, generator.device)
     image = 1.0 + draw.uniform(0.0, 0.3) * _smooth_noise(draw, config.size, cells=4)  # tissue, intensity ~1
 
@@ -87,7 +99,7 @@ def synthetic_sample(generator: torch.Generator, config: SyntheticConfig = Synth
     image = image + draw.uniform(*config.noise_range) * draw.noise_volume((config.size,) * 3)
     if draw.uniform() < config.low_resolution_probability:
         image = _low_resolution(image, draw, config)
-    return normalise_intensity(image)[None], mask[None]
+    return normalise_batch(image[None], torch.ones_like(image, dtype=torch.bool)[None]), mask[None]
 
 
 def synthetic_stream(
@@ -128,12 +140,15 @@ class _SyntheticSamples(IterableDataset):
 
 
 def _target_shape(draw: _Draw, grid: Tensor, config: SyntheticConfig) -> Tensor:
-    """The target's implicit function on the field grid, with at least `min_target_voxels` voxels inside."""
-    stride_volume = config.field_stride**3
-    while True:
-        field = _random_shape(draw, grid, config, centre_margin=0.2)
-        if int((field < 0).sum()) * stride_volume >= config.min_target_voxels:
-            return field
+    """The target's implicit function on the field grid, with at least `min_target_voxels` voxels inside: a
+    random shape, or where that has too few (under 1 in 300 with the default ranges: a thin shell, a blob
+    squeezed by its bumps) a sphere large enough, chosen on the device without looking at the size."""
+    field = _random_shape(draw, grid, config, centre_margin=0.2)
+    # a sphere of twice this volume at field-grid resolution holds min_target_voxels output voxels with margin
+    radius = max(config.radius_range[0], (3 * 2 * config.min_target_voxels / (4 * math.pi)) ** (1 / 3))
+    sphere = (grid - _random_centre(draw, config.size, 0.3, grid.device)).norm(dim=-1) - radius
+    enough = (field < 0).sum() * config.field_stride**3 >= config.min_target_voxels
+    return torch.where(enough, field, sphere)
 
 
 def _random_shape(draw: _Draw, grid: Tensor, config: SyntheticConfig, centre_margin: float) -> Tensor:
@@ -152,7 +167,7 @@ def _random_shape(draw: _Draw, grid: Tensor, config: SyntheticConfig, centre_mar
 def _blob(draw: _Draw, grid: Tensor, radius: float, centre_margin: float, config: SyntheticConfig) -> Tensor:
     """A randomly rotated, stretched and bumpy ellipsoid of mean radius `radius` (voxels). grid [F, F, F, 3]."""
     centre = _random_centre(draw, config.size, centre_margin, grid.device)
-    rotation = torch.linalg.qr(draw.host_normal((3, 3)))[0].to(grid.device)  # a 3x3 QR: cheaper on the host
+    rotation = draw.to_device(torch.linalg.qr(draw.host_normal((3, 3)))[0])  # a 3x3 QR: cheaper on the host
     axes = radius * torch.exp(draw.normal((3,)) * 0.3)
     local = ((grid - centre) @ rotation) / axes  # unit ball coordinates
     bumps = draw.uniform(0.0, 0.35) * _noise_at(draw, local / 2.0, cells=5)
@@ -167,7 +182,7 @@ def _tube(draw: _Draw, grid: Tensor, config: SyntheticConfig, centre_margin: flo
     directions = [F.normalize(draw.host_normal((3,)), dim=0)]
     for _ in range(segments - 1):
         directions.append(F.normalize(directions[-1] + 0.25 * draw.host_normal((3,)), dim=0))  # momentum: smooth turns
-    path = torch.cumsum(torch.stack(directions) * step, dim=0).to(grid.device)
+    path = draw.to_device(torch.cumsum(torch.stack(directions) * step, dim=0))
     path = path - path.mean(dim=0) + _random_centre(draw, config.size, centre_margin, grid.device)
     low, high = config.tube_radius_range
     radii = low + (high - low) * torch.sigmoid(draw.normal((1,)) + 0.5 * draw.normal((segments,)).cumsum(0) / 3)
@@ -177,7 +192,7 @@ def _tube(draw: _Draw, grid: Tensor, config: SyntheticConfig, centre_margin: flo
 
 
 def _random_centre(draw: _Draw, size: int, margin: float, device: torch.device) -> Tensor:
-    return torch.tensor([draw.uniform(margin, 1.0 - margin) * (size - 1) for _ in range(3)], device=device)
+    return copy_to_device(torch.tensor([draw.uniform(margin, 1.0 - margin) * (size - 1) for _ in range(3)]), device)
 
 
 def _paint(image: Tensor, field: Tensor, draw: _Draw, config: SyntheticConfig) -> Tensor:
@@ -236,14 +251,15 @@ def _noise_at(draw: _Draw, points: Tensor, cells: int) -> Tensor:
 
 class _Draw:
     """Random numbers for one sample: scalars and small tensors from a host generator (no GPU round trip per
-    draw), the full-size noise volume from the device generator. The host generator is seeded from the device
-    one, so the caller's generator alone fixes the sample."""
+    draw), the full-size noise volume from the device generator. Without a host generator given, one is seeded
+    from the device one, so the caller's generator alone fixes the sample."""
 
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generator: torch.Generator, host: torch.Generator | None = None) -> None:
         self.generator = generator
         self.device = generator.device
-        seed = int(torch.randint(2**62, (), generator=generator, device=self.device))
-        self.host = torch.Generator().manual_seed(seed)
+        if host is None:
+            host = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator, device=self.device)))
+        self.host = host
 
     def uniform(self, low: float = 0.0, high: float = 1.0) -> float:
         return low + (high - low) * float(torch.rand((), generator=self.host))
@@ -260,7 +276,11 @@ class _Draw:
 
     def normal(self, shape: tuple[int, ...]) -> Tensor:
         """A small standard normal tensor on the device."""
-        return self.host_normal(shape).to(self.device)
+        return self.to_device(self.host_normal(shape))
+
+    def to_device(self, values: Tensor) -> Tensor:
+        """A small host tensor on the device, without waiting for the GPU."""
+        return copy_to_device(values, self.device)
 
     def noise_volume(self, shape: tuple[int, ...]) -> Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device)
@@ -273,7 +293,8 @@ def write_cases(out: Path, count: int, seed: int, config: SyntheticConfig = Synt
     """`count` synthetic samples as NIfTI files in a MONAI Label datastore layout (`out/synthetic_NNN.nii.gz`,
     `out/labels/final/synthetic_NNN.nii.gz`) on 1.5 mm RAS voxels, the model's own space, and the label map
     `out/labels.json` ({SYNTHETIC_LABEL: 1}); returns the label map's path. The images are written normalised:
-    `normalise_intensity` gives them back unchanged (it is idempotent), so the evaluation sees what training saw.
+    `lib.imaging.normalise_intensity`, which the evaluation applies, gives them back unchanged (it is idempotent),
+    so the evaluation sees what training saw.
     """
     import nibabel as nib  # only this CLI writes files
 
