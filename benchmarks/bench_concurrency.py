@@ -43,7 +43,7 @@ def main() -> None:
     raise_cut_on_sigterm()
     plans, alone_seconds, outcome, wall, url, interrupted = {}, [], Outcome(), 0.0, args.url, False
     try:
-        with tempfile.TemporaryDirectory() as tmp, serving(args.url, Path(tmp)) as (url, _):
+        with tempfile.TemporaryDirectory() as tmp, serving(args.url, Path(tmp), weights=args.weights) as (url, _):
             for annotator in team(args.users):
                 plans[annotator], seconds = click_alone(url, args.studies, annotator, args.clicks)
                 alone_seconds += seconds

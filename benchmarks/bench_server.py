@@ -20,6 +20,7 @@ exits with 124.
     .venv/bin/python benchmarks/bench_server.py                 # starts a server on a copy of sample-data
     .venv/bin/python benchmarks/bench_server.py --url http://127.0.0.1:8000 --studies sample-data
     .venv/bin/python benchmarks/bench_server.py --url http://127.0.0.1:8000 --studies /tmp/studies --large-ct
+    .venv/bin/python benchmarks/bench_server.py --weights /tmp/candidate.pt --cases lung1   # a candidate's latency
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def main() -> None:
     try:
         with (
             tempfile.TemporaryDirectory() as tmp,
-            serving(args.url, Path(tmp), build_large_ct.build if args.large_ct else None) as (url, copy),
+            serving(args.url, Path(tmp), build_large_ct.build if args.large_ct else None, args.weights) as (url, copy),
         ):
             studies = copy or args.studies
             for case, result in zip(cases, results):

@@ -133,23 +133,32 @@ def server_benchmark_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server (default: start one on a copy of sample-data)")
     parser.add_argument("--studies", type=Path, default=SAMPLE_DATA, help="its datastore folder")
+    parser.add_argument(
+        "--weights", type=Path, help="without --url: the server serves these weights (default: the shipped ones)"
+    )
     return parser
 
 
 @contextlib.contextmanager
 def serving(
-    url: str | None, scratch: Path, prepare: Callable[[Path], object] | None = None
+    url: str | None,
+    scratch: Path,
+    prepare: Callable[[Path], object] | None = None,
+    weights: Path | None = None,
 ) -> Iterator[tuple[str, Path | None]]:
     """(URL to benchmark, its studies folder when this started the server): `url` and None when given, else a
     server started for the block on a copy of sample-data under `scratch` (its log there too; `prepare` adds to
-    the copy first) and stopped after it."""
+    the copy first; `weights` served instead of the shipped ones) and stopped after it."""
     if url is not None:
+        if weights is not None:
+            raise ValueError("--weights is for a server the benchmark starts, not one at --url")
         yield url, None
         return
     studies = copy_sample_data(scratch / "studies")
     if prepare is not None:
         prepare(studies)
-    server = MonaiLabelServer(studies, scratch / "server.log").start()
+    conf = {"weights": str(weights.resolve())} if weights is not None else None
+    server = MonaiLabelServer(studies, scratch / "server.log", conf=conf).start()
     try:
         yield server.url, studies
     finally:
