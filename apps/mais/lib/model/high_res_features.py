@@ -45,8 +45,9 @@ prompt, the previous mask and the image detail meet over a neighbourhood at the 
 The two projections onto the decoder's channels, the prompt branch's last layer and the context's last
 convolution start at zero, so a model given fresh features (or a fresh prompt branch, or fresh context) computes
 exactly what it did without them; a model without them (MaisConfig.high_res_features False) is SAM-Med3D's
-network. The stem is 44 k parameters, the prompt branch 1.6 k, the context 111 k (~24 ms a click on two CPU
-cores).
+network. The stem is 44 k parameters, the prompt branch 1.6 k, the context 111 k (24-33 ms a pass on two CPU
+cores alone; a later click on the sample CT over HTTP 84 -> 126 ms, benchmarks/results/generalist/README.md,
+session 13).
 """
 
 from __future__ import annotations
