@@ -82,8 +82,8 @@ def test_a_synthetic_target_too_small_is_replaced_by_a_sphere_large_enough():
     config = dataclasses.replace(TINY_SYNTHETIC, radius_range=(3.0, 4.0), tube_radius_range=(1.0, 1.5),
                                  min_target_voxels=5000, body_probability=0.0)  # fmt: skip
     generator = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        _, mask = synthetic_sample(generator, config, host=torch.Generator().manual_seed(0))
+    for seed in range(4):
+        _, mask = synthetic_sample(generator, config, host=torch.Generator().manual_seed(seed))
         assert config.min_target_voxels <= mask.sum() <= 4 * config.min_target_voxels
     # the host generator fixes the scalars, the caller's generator the noise: the same pair, the same sample
     a, b = (synthetic_sample(torch.Generator().manual_seed(3), TINY_SYNTHETIC, torch.Generator().manual_seed(4))
